@@ -1,0 +1,88 @@
+"""SpartanConfig: the settings of one task's memories, validated and stored as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .memory import IMPLEMENTATIONS, VALUE_INITS, validate_memory_shape
+
+@dataclass
+class SpartanConfig:
+    """How the memories injected after each layer are shaped and trained.
+
+    Defaults are the SPARTAN paper's setting: 16 parents x 3 children, top-8 parents,
+    child-softmax temperature 1.6.
+
+    Args:
+        num_parents: parent cells P per layer; each token keeps the ``top_k`` best of them.
+        children_per_parent: child cells C under each parent.
+        top_k: parents kept per token (``1 <= top_k <= num_parents``).
+        temperature: divides the child logits before their softmax.
+        value_init: ``"zeros"`` (a fresh model equals the base model) or ``"normal"``
+            (the paper's random initialisation).
+        implementation: ``"dense"``, ``"sparse"`` (gathered, for large memories) or
+            ``"auto"`` (picked by size).
+        aux_loss_weight: weight of the load-balancing loss added to the model's loss in training.
+        layers: module path(s) of the layer list(s) to wrap, e.g. ``"bert.encoder.layer"``;
+            ``None`` finds them automatically.
+        modules_to_save: module paths trained and saved besides the memories (the task head);
+            ``None`` detects the head (``classifier``, ``score``, ...).
+    """
+
+    num_parents: int = 16
+    children_per_parent: int = 3
+    top_k: int = 8
+    temperature: float = 1.6
+    value_init: str = "zeros"
+    implementation: str = "auto"
+    aux_loss_weight: float = 0.01
+    layers: list[str] | None = None
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, str):
+            self.layers = [self.layers]
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        validate_memory_shape(self.num_parents, self.children_per_parent, self.top_k, self.temperature)
+        _check_choice("value_init", self.value_init, VALUE_INITS)
+        _check_choice("implementation", self.implementation, IMPLEMENTATIONS)
+        if self.aux_loss_weight < 0:
+            raise ValueError(f"aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
+
+    def replace(self, **overrides: Any) -> SpartanConfig:
+        """A copy with some fields changed (validated); unknown names raise a ValueError."""
+        _check_field_names(overrides)
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SpartanConfig:
+        _check_field_names(values)
+        return cls(**values)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> SpartanConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def _check_field_names(values: dict[str, Any]) -> None:
+    known = {f.name for f in dataclasses.fields(SpartanConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown SpartanConfig field(s) {unknown}; valid fields: {sorted(known)}")
+

@@ -1,0 +1,200 @@
+"""SparseHierarchicalMemory: a two-level memory read through the top-k parents' children.
+
+Depends on torch only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+IMPLEMENTATIONS = ("auto", "dense", "sparse")
+VALUE_INITS = ("zeros", "normal")
+
+# "auto" reads memories of up to this many child slots (P * C) densely: scoring every slot in one
+# matrix product beats gathering the selected ones until the memory is far larger than the paper's
+# (see benchmarks/memory_layer.py).
+DENSE_MAX_SLOTS = 4096
+
+
+class Routing(NamedTuple):
+    """The parents each token selected in a forward pass."""
+
+    indices: Tensor  # [..., top_k] parent ids, best first
+    weights: Tensor  # [..., top_k] softmax over the selected parents' logits
+
+
+def validate_memory_shape(num_parents: int, children_per_parent: int, top_k: int, temperature: float) -> None:
+    """Raise a ValueError naming the first invalid parameter of a memory's shape."""
+    for name, value in (("num_parents", num_parents), ("children_per_parent", children_per_parent), ("top_k", top_k)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if top_k > num_parents:
+        raise ValueError(f"top_k ({top_k}) cannot exceed num_parents ({num_parents}): lower top_k or add parents")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+
+
+class SparseHierarchicalMemory(nn.Module):
+    """Two-level key-value memory (SPARTAN, Deshpande et al. 2022).
+
+    For each token ``h``: parent logits ``h @ parent_keys.T``; keep the ``top_k`` parents and
+    softmax their logits; for each kept parent, softmax ``h @ child_keys[p].T / temperature``
+    over its children; return ``sum_p sum_c w_p * w_pc * child_values[p, c]``. Children of
+    parents that were not selected take no part, in the forward or the backward pass.
+
+    Two implementations give the same results: ``"dense"`` scores all ``P + P*C`` keys with one
+    matrix product and mixes the values with another (fastest for small memories);
+    ``"sparse"`` groups the tokens by selected parent and reads only those parents' children,
+    so work and activation memory per token grow with ``P + top_k * C`` rather than ``P * C``.
+
+    Args:
+        hidden_size: H, the size of the hidden states read and returned.
+        num_parents: P.
+        children_per_parent: C.
+        top_k: parents kept per token.
+        temperature: divides the child logits.
+        value_init: ``"zeros"`` (the read-out starts at exactly zero) or ``"normal"``.
+        implementation: ``"dense"``, ``"sparse"`` or ``"auto"`` (dense up to ``DENSE_MAX_SLOTS`` slots).
+
+    Shape:
+        - Input: ``[..., H]``.
+        - Output: ``[..., H]``, the memory's read-out only (add it to the input yourself).
+
+    After each forward, ``last_routing`` holds the selected parents and their weights.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_parents: int,
+        children_per_parent: int,
+        top_k: int,
+        temperature: float = 1.0,
+        value_init: str = "zeros",
+        implementation: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(hidden_size, int) or hidden_size <= 0:
+            raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
+        validate_memory_shape(num_parents, children_per_parent, top_k, temperature)
+        if value_init not in VALUE_INITS:
+            raise ValueError(f"value_init must be one of {VALUE_INITS}, got {value_init!r}")
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+        self.hidden_size = hidden_size
+        self.num_parents = num_parents
+        self.children_per_parent = children_per_parent
+        self.top_k = top_k
+        self.temperature = float(temperature)
+        self.value_init = value_init
+        if implementation == "auto":
+            implementation = "dense" if num_parents * children_per_parent <= DENSE_MAX_SLOTS else "sparse"
+        self.implementation = implementation
+        factory = {"device": device, "dtype": dtype}
+        self.parent_keys = nn.Parameter(torch.empty(num_parents, hidden_size, **factory))
+        self.child_keys = nn.Parameter(torch.empty(num_parents, children_per_parent, hidden_size, **factory))
+        self.child_values = nn.Parameter(torch.empty(num_parents, children_per_parent, hidden_size, **factory))
+        self.last_routing: Routing | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = 1.0 / math.sqrt(self.hidden_size)  # logits of unit-scale hidden states start near unit scale
+        nn.init.normal_(self.parent_keys, std=std)
+        nn.init.normal_(self.child_keys, std=std)
+        if self.value_init == "zeros":
+            nn.init.zeros_(self.child_values)
+        else:
+            nn.init.normal_(self.child_values, std=std)
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.hidden_size}, num_parents={self.num_parents}, "
+            f"children_per_parent={self.children_per_parent}, top_k={self.top_k}, "
+            f"temperature={self.temperature}, implementation={self.implementation!r}"
+        )
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        if hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"hidden_states has hidden size {hidden_states.shape[-1]} but the memory was built with "
+                f"hidden_size={self.hidden_size}"
+            )
+        tokens = hidden_states.reshape(-1, self.hidden_size)  # [N, H]
+        read = self._read_dense if self.implementation == "dense" else self._read_sparse
+        out, top_indices, parent_weights = read(tokens)
+        leading = hidden_states.shape[:-1]
+        self.last_routing = Routing(top_indices.view(*leading, self.top_k), parent_weights.view(*leading, self.top_k))
+        return out.view(hidden_states.shape)
+
+    def _select_parents(self, parent_logits: Tensor) -> tuple[Tensor, Tensor]:
+        top_logits, top_indices = parent_logits.topk(self.top_k, dim=-1)  # [N, k]
+        return top_indices, _upcast(top_logits).softmax(dim=-1).to(parent_logits.dtype)
+
+    def _read_dense(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        P, C, H = self.num_parents, self.children_per_parent, self.hidden_size
+        # Children are laid out child-major ([C, P]): the softmax over each parent's C children then
+        # runs over dim 1 with P contiguous, an order of magnitude faster than over a tiny last dim.
+        child_keys = self.child_keys.transpose(0, 1).reshape(C * P, H) / self.temperature
+        child_values = self.child_values.transpose(0, 1).reshape(C * P, H)
+        logits = tokens @ torch.cat([self.parent_keys, child_keys]).T  # [N, P + C*P], one matrix product
+        parent_logits, child_logits = logits.split([P, C * P], dim=-1)
+        top_indices, parent_weights = self._select_parents(parent_logits)
+        child_weights = _upcast(child_logits.view(-1, C, P)).softmax(dim=1)  # [N, C, P]
+        selected = torch.zeros_like(child_weights[:, 0]).scatter(1, top_indices, parent_weights.to(child_weights.dtype))
+        slot_weights = (selected.unsqueeze(1) * child_weights).view(-1, C * P)  # [N, C*P], zero outside the top-k
+        out = slot_weights.to(tokens.dtype) @ child_values.to(tokens.dtype)
+        return out, top_indices, parent_weights
+
+    @torch.compiler.disable  # a data-dependent loop over parents: run it eagerly inside compiled graphs
+    def _read_sparse(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        k = self.top_k
+        parent_logits = tokens @ self.parent_keys.T  # [N, P]
+        top_indices, parent_weights = self._select_parents(parent_logits)  # [N, k]
+        # Group the N*k (token, parent) pairs by parent, then read each used parent's children with
+        # two small matrix products: per token, work and memory grow with k*C, and every child key
+        # and value is read once per forward, not once per token that selected its parent.
+        pair_parents = top_indices.flatten()
+        order = pair_parents.argsort(stable=True)
+        pair_tokens = order // k  # [N*k], grouped by parent
+        group_sizes = torch.bincount(pair_parents, minlength=self.num_parents).tolist()
+        grouped_tokens = tokens[pair_tokens].split(group_sizes)  # per parent: [n_p, H]
+        grouped_weights = parent_weights.flatten()[order].unsqueeze(-1).split(group_sizes)  # per parent: [n_p, 1]
+        # unbind, not indexing: its backward builds each gradient once, not one full-size tensor per parent
+        keys, values = self.child_keys.unbind(0), self.child_values.unbind(0)  # P x [C, H]
+        weighted = torch.cat([
+            (_upcast(rows @ keys[parent].T / self.temperature).softmax(dim=-1) * weights).to(rows.dtype) @ values[parent]
+            for parent, (rows, weights) in enumerate(zip(grouped_tokens, grouped_weights))
+            if len(rows)
+        ])  # [N*k, H]: each (token, parent) pair's weighted read-out
+        out = torch.zeros_like(tokens).index_add(0, pair_tokens, weighted.to(tokens.dtype))
+        return out, top_indices, parent_weights
+
+
+def _upcast(tensor: Tensor) -> Tensor:
+    """Half-precision logits go through softmax in fp32."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+def load_balancing_loss(routing: Routing, num_parents: int, mask: Tensor | None = None) -> Tensor:
+    """The paper's load-balancing loss for one memory: the mean over tokens of each parent's
+    attention (zero where it was not selected), squared, summed and divided by ``num_parents``.
+
+    ``mask`` (shaped like the routing's leading dims, 1 for real tokens) leaves padding out.
+    The loss is lowest when every parent takes the same share of the tokens.
+    """
+    weights = routing.weights.float().reshape(-1, routing.weights.shape[-1])  # [N, k]
+    indices = routing.indices.reshape(-1, routing.indices.shape[-1])
+    if mask is not None:
+        keep = mask.reshape(-1, 1).to(weights.dtype)
+        weights = weights * keep
+        num_tokens = keep.sum().clamp_min(1.0)
+    else:
+        num_tokens = torch.tensor(float(len(weights)), device=weights.device)
+    usage = weights.new_zeros(num_parents).index_add(0, indices.flatten(), weights.flatten()) / num_tokens
+    return usage.square().sum() / num_parents

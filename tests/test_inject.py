@@ -1,0 +1,144 @@
+"""wrap_model / unwrap_model on tiny models of many architectures."""
+
+import pytest
+import torch
+from tiny_models import ARCHITECTURES, batch, tiny, tiny_llama_lm
+
+import spartan
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_wrap_train_unwrap(architecture):
+    model = tiny(architecture)
+    inputs = batch()
+    base_logits = model(**inputs).logits
+    backbone = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    assert spartan.wrap_model(model, num_parents=4, children_per_parent=2, top_k=2) is model
+    assert len(spartan.get_memories(model)) == 2
+    assert torch.equal(model(**inputs).logits, base_logits)  # zero-initialised values read nothing
+
+    head_params = {f"{path}." for path in spartan.inject._state(model).head_paths}
+    for name, param in model.named_parameters():
+        expected = name.startswith("spartan_memories.") or any(name.startswith(h) for h in head_params)
+        assert param.requires_grad == expected, name
+
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(**inputs).loss.backward()
+        optimizer.step()
+    model.eval()
+    for name, param in model.named_parameters():
+        if name in backbone and not any(name.startswith(h) for h in head_params):
+            assert torch.equal(param, backbone[name]), f"frozen {name} changed"
+    assert not torch.equal(model(**inputs).logits, base_logits)
+
+    spartan.unwrap_model(model)
+    assert not hasattr(model, "spartan_memories")
+    assert torch.equal(model(**inputs).logits, base_logits)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_memory_read_is_added_to_each_layer_output():
+    model = tiny("bert")
+    spartan.wrap_model(model, value_init="normal")
+    seen = {}
+    memory = spartan.get_memories(model)[0]
+    memory.register_forward_hook(lambda module, args, output: seen.update(read_input=args[0], read=output))
+    model.bert.encoder.layer[0].register_forward_hook(lambda module, args, output: seen.update(layer_output=output))
+    model(**batch())
+    assert torch.count_nonzero(seen["read"]) > 0
+    torch.testing.assert_close(seen["layer_output"], seen["read_input"] + seen["read"])
+
+
+def test_auxiliary_loss_is_added_in_training_only_and_ignores_padding():
+    model = tiny("bert")
+    inputs = batch()
+    spartan.wrap_model(model, aux_loss_weight=0.5, value_init="normal")
+    model.eval()
+    eval_loss = model(**inputs).loss
+    model.train()
+    torch.manual_seed(0)
+    model.bert.embeddings.dropout.p = 0.0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    outputs = model(**inputs)
+    aux = spartan.auxiliary_loss(model)
+    torch.testing.assert_close(outputs.loss, eval_loss + aux)
+    assert outputs["loss"] is outputs.loss
+
+    # padding tokens are left out: changing what padded positions route to does not change the loss
+    padded = dict(inputs)
+    padded["input_ids"] = inputs["input_ids"].clone()
+    padded["input_ids"][-1, -2:] = 50
+    model(**padded)
+    torch.testing.assert_close(spartan.auxiliary_loss(model), aux)
+
+    tuple_outputs = model(**inputs, return_dict=False)
+    torch.testing.assert_close(tuple_outputs[0], eval_loss + aux)
+
+
+def test_decoder_language_model_gets_memories_and_no_head():
+    model = tiny_llama_lm()
+    spartan.wrap_model(model)
+    assert spartan.inject._state(model).head_paths == []
+    stats = spartan.trainable_parameters(model)
+    assert stats["trainable_params"] == 2 * (16 * 32 + 2 * 16 * 3 * 32)
+    ids = batch()["input_ids"]
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert model.spartan_memories["default"][0].child_values.grad is not None
+
+
+def test_layers_and_modules_to_save_overrides():
+    model = tiny("bert")
+    spartan.wrap_model(model, layers="bert.encoder.layer", modules_to_save=["classifier", "bert.pooler"])
+    assert spartan.get_layer_paths(model) == ["bert.encoder.layer.0", "bert.encoder.layer.1"]
+    assert model.bert.pooler.dense.weight.requires_grad
+
+
+def test_errors_are_actionable():
+    model = tiny("bert")
+    with pytest.raises(ValueError, match="layers="):
+        spartan.wrap_model(model, layers="bert.decoder")
+    with pytest.raises(ValueError, match="layers="):
+        spartan.wrap_model(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="top_k"):
+        spartan.wrap_model(model, top_k=99)
+    with pytest.raises(ValueError, match="unknown SpartanConfig field"):
+        spartan.wrap_model(model, num_parent=3)
+    with pytest.raises(ValueError, match="modules_to_save"):
+        spartan.wrap_model(model, modules_to_save=["head"])
+    spartan.wrap_model(model)
+    with pytest.raises(ValueError, match="already wrapped"):
+        spartan.wrap_model(model)
+    with pytest.raises(ValueError, match="not wrapped"):
+        spartan.unwrap_model(tiny("bert"))
+
+
+def test_parameter_report(capsys):
+    model = tiny("bert")
+    total = sum(p.numel() for p in model.parameters())
+    spartan.wrap_model(model)  # 16 parents x 3 children at hidden 32, two layers
+    memory_params = 2 * (16 * 32 + 2 * 16 * 3 * 32)
+    head_params = 32 * 2 + 2
+    stats = spartan.trainable_parameters(model)
+    assert stats["trainable_params"] == memory_params + head_params
+    assert stats["total_params"] == total + memory_params
+    assert stats["checkpoint_bytes"] == 4 * (memory_params + head_params)
+    spartan.print_trainable_parameters(model)
+    printed = capsys.readouterr().out
+    assert f"{memory_params + head_params:,}" in printed and "KB" in printed
+
+
+def test_config_json_round_trip(tmp_path):
+    config = spartan.SpartanConfig(num_parents=8, top_k=3, layers="bert.encoder.layer")
+    config.save(tmp_path / "config.json")
+    assert spartan.SpartanConfig.load(tmp_path / "config.json") == config
+    assert config.layers == ["bert.encoder.layer"]
+    with pytest.raises(ValueError, match="implementation"):
+        spartan.SpartanConfig(implementation="fast")
