@@ -1,5 +1,7 @@
 """spartan: sparse hierarchical memories for parameter-efficient fine-tuning of frozen Transformers."""
 
+from . import analysis
+from .analysis import RoutingStats, collect_routing
 from .checkpoint import load_memory, read_checkpoint, save_memory
 from .config import SpartanConfig
 from .inject import (
@@ -26,11 +28,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Routing",
+    "RoutingStats",
     "SparseHierarchicalMemory",
     "SpartanConfig",
     "active_memory_name",
     "add_memory",
     "auxiliary_loss",
+    "collect_routing",
     "find_head",
     "get_config",
     "get_layer_paths",
