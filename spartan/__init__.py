@@ -23,6 +23,7 @@ from .inject import (
     wrap_model,
 )
 from .memory import Routing, SparseHierarchicalMemory, load_balancing_loss
+from .training import TrainingConfig, TrainResult, padding_collator, train
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,8 @@ __all__ = [
     "RoutingStats",
     "SparseHierarchicalMemory",
     "SpartanConfig",
+    "TrainResult",
+    "TrainingConfig",
     "active_memory_name",
     "add_memory",
     "auxiliary_loss",
@@ -43,12 +46,14 @@ __all__ = [
     "load_balancing_loss",
     "load_memory",
     "memory_names",
+    "padding_collator",
     "print_trainable_parameters",
     "read_checkpoint",
     "remove_memory",
     "save_memory",
     "set_active_memory",
     "task_state_dict",
+    "train",
     "trainable_parameters",
     "unwrap_model",
     "wrap_model",
