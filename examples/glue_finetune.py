@@ -54,6 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(str(error))
     if args.max_train_samples is not None and args.max_train_samples <= 0:
         parser.error(f"--max-train-samples must be a positive number of examples, got {args.max_train_samples}")
+    for option in ("epochs", "batch_size", "max_length"):
+        if getattr(args, option) <= 0:
+            parser.error(f"--{option.replace('_', '-')} must be positive, got {getattr(args, option)}")
+    if args.lr is not None and args.lr <= 0:
+        parser.error(f"--lr must be positive, got {args.lr}")
     args.output_dir = args.output_dir or Path("runs") / f"{args.task.name}-{args.method}"
     return args
 
