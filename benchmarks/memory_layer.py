@@ -1,0 +1,176 @@
+"""The memory layer alone: time and peak memory of the dense and sparse paths, next to a BERT-base layer.
+
+    python benchmarks/memory_layer.py                      # the full sweep, 48 to 1,048,576 slots
+    python benchmarks/memory_layer.py --max-slots 4096     # a quick look
+
+Tokens: batch 32 x 128 at hidden size 768 (BERT-base), 2 threads. Each row times the dense path,
+the sparse path and one BERT-base layer in interleaved rounds (medians), and measures the peak
+resident memory each call adds (Linux: VmHWM reset through /proc/self/clear_refs; the script
+re-runs itself with MALLOC_MMAP_THRESHOLD_ set, so that freed tensors go back to the system and
+each call's peak shows in the resident set instead of hiding in recycled heap).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import BertConfig
+from transformers.models.bert.modeling_bert import BertLayer
+
+from spartan import SparseHierarchicalMemory
+
+RESULTS = Path(__file__).parent / "results"
+SLOT_COUNTS = [48, 1024, 4096, 16384, 65536, 262144, 1048576]
+
+
+def memory_shape(slots: int, top_k: int) -> tuple[int, int]:
+    """Parents and children per parent for a memory of ``slots`` cells: the paper's 16 x 3 at 48
+    slots, otherwise P near sqrt(top_k * slots), which keeps P + top_k * C (the sparse path's
+    keys per token) smallest."""
+    if slots == 48:
+        return 16, 3
+    parents = 2 ** round(math.log2(math.sqrt(top_k * slots)))
+    return parents, slots // parents
+
+
+def _read_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_added_mib(run) -> float:
+    """Peak resident memory that ``run()`` adds on top of what the process holds before it."""
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
+    before = _read_kib("VmRSS")
+    run()
+    return (_read_kib("VmHWM") - before) / 1024
+
+
+def interleaved_medians(calls: dict[str, callable], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call, the calls run in rounds (A B C A B C ...) after ``warmup`` rounds."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_index in range(warmup + repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def forward_backward(module: torch.nn.Module, hidden: torch.Tensor):
+    def run():
+        module.zero_grad(set_to_none=True)
+        out = module(hidden)
+        out = out[0] if isinstance(out, tuple) else out
+        out.sum().backward()
+
+    return run
+
+
+def forward_only(module: torch.nn.Module, hidden: torch.Tensor):
+    def run():
+        with torch.no_grad():
+            module(hidden)
+
+    return run
+
+
+def measure(slots: int, args: argparse.Namespace, bert_layer: torch.nn.Module, hidden: torch.Tensor) -> dict:
+    parents, children = memory_shape(slots, args.top_k)
+    tokens = hidden.shape[0] * hidden.shape[1]
+    row = {"slots": slots, "parents": parents, "children": children, "top_k": args.top_k}
+    memories = {}
+    for implementation in ("dense", "sparse"):
+        dense_bytes = 4 * tokens * slots * 5  # logits, child weights, slot weights and their gradients
+        if implementation == "dense" and dense_bytes > args.dense_limit_gib * 2**30:
+            row[implementation] = f"skipped: needs ~{dense_bytes / 2**30:.0f} GiB"
+            continue
+        torch.manual_seed(0)
+        memories[implementation] = SparseHierarchicalMemory(
+            768, parents, children, args.top_k, 1.6, value_init="normal", implementation=implementation
+        )
+    trainable_hidden = hidden.detach().requires_grad_(True)
+    repeats = args.repeats if slots <= 65536 else max(1, args.repeats // 3)
+    for mode, make in (("forward", forward_only), ("forward_backward", forward_backward)):
+        calls = {"bert_layer": make(bert_layer, trainable_hidden if mode != "forward" else hidden)}
+        calls |= {name: make(memory, trainable_hidden if mode != "forward" else hidden) for name, memory in memories.items()}
+        medians = interleaved_medians(calls, repeats)
+        for name, seconds in medians.items():
+            entry = row.setdefault(name, {})
+            entry[f"{mode}_ms"] = 1000 * seconds
+            if name != "bert_layer":
+                entry[f"{mode}_vs_bert_layer"] = seconds / medians["bert_layer"]
+                entry[f"{mode}_peak_mib"] = peak_added_mib(calls[name])
+    for memory in memories.values():
+        memory.zero_grad(set_to_none=True)
+    return row
+
+
+def markdown(rows: list[dict], args: argparse.Namespace) -> str:
+    lines = [
+        f"Memory layer alone on {args.batch} x {args.length} tokens at H=768, top-k {args.top_k}, "
+        f"{args.threads} threads; time as % of one BERT-base layer on the same input (same run, interleaved, "
+        f"median of {args.repeats}); peak = resident memory the call adds.",
+        "",
+        "| slots (P x C) | path | forward ms | % of BERT layer | fwd+bwd ms | % of BERT layer | fwd peak MiB | fwd+bwd peak MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        shape = f"{row['slots']:,} ({row['parents']} x {row['children']})"
+        for path in ("dense", "sparse"):
+            entry = row.get(path)
+            if isinstance(entry, str):
+                lines.append(f"| {shape} | {path} | {entry} | | | | | |")
+                continue
+            lines.append(
+                f"| {shape} | {path} | {entry['forward_ms']:.2f} | {100 * entry['forward_vs_bert_layer']:.2f}% "
+                f"| {entry['forward_backward_ms']:.2f} | {100 * entry['forward_backward_vs_bert_layer']:.2f}% "
+                f"| {entry['forward_peak_mib']:.1f} | {entry['forward_backward_peak_mib']:.1f} |"
+            )
+    bert = rows[0]["bert_layer"]
+    lines += ["", f"One BERT-base layer: forward {bert['forward_ms']:.1f} ms, fwd+bwd {bert['forward_backward_ms']:.1f} ms (first row's run)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-slots", type=int, default=SLOT_COUNTS[-1])
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dense-limit-gib", type=float, default=4.0, help="skip dense runs needing more")
+    parser.add_argument("--output", type=Path, default=RESULTS / "memory_layer")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    bert_layer = BertLayer(BertConfig())
+    hidden = torch.randn(args.batch, args.length, 768)
+    rows = []
+    for slots in tqdm([s for s in SLOT_COUNTS if s <= args.max_slots], desc="memory sizes"):
+        rows.append(measure(slots, args, bert_layer, hidden))
+        tqdm.write(json.dumps(rows[-1]))
+    table = markdown(rows, args)
+    print(table)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.with_suffix(".md").write_text(table)
+    args.output.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

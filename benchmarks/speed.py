@@ -1,0 +1,409 @@
+"""Speed, memory and storage of spartan against the real peers, on CPU.
+
+Per method: inference time at batch 32 x 128 tokens and at batch 1 x 128, the training step
+(forward + backward + AdamW over the trainable parameters) at batch 16 x 128, the peak resident
+memory of inference and of a training step (each in a fresh subprocess), the trainable parameters
+and the bytes of one task's saved checkpoint.
+
+All methods are built once in one process and timed interleaved (round r runs every method once,
+starting at a rotating offset); warm-up rounds are discarded; every time is a median over the
+rounds, and every ratio is the median over rounds of (method / bare backbone in the same round).
+
+    python benchmarks/speed.py --model all            # writes benchmarks/results/speed_<model>.{md,json,png}
+    python benchmarks/speed.py --quick --model bert-base --out /tmp/speed   # smoke test, tiny sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, when run as a script
+import common  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WORKER_TAG = "SPEED_WORKER_RESULT "
+MODE_TITLES = {"infer_b32": "inference b32", "infer_b1": "latency b1", "train": "train step b16"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="all", choices=[*common.BACKBONES, "all"])
+    parser.add_argument("--methods", default=",".join(common.METHODS), help="comma-separated subset of: "
+                        + ", ".join(common.METHODS) + " (bare is always added: ratios need it)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per mode (default 7; 3 with --quick)")
+    parser.add_argument("--warmup", type=int, default=1, help="discarded rounds per mode before the timed ones")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads, in every process")
+    parser.add_argument("--modes", default=",".join(common.MODES), help="comma-separated subset of: "
+                        + ", ".join(common.MODES))
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (tiny BERT, 16 tokens): a smoke test")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--jobs", type=int, default=1, help="peak-memory subprocesses run at once (they are "
+                        "not timed; more than 1 only saves wall time on a machine with spare cores and memory)")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the .md, .json and .png")
+    # internal: one fresh process measuring one method's peak memory in one mode
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 7
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1 or args.jobs < 1:
+        parser.error("--repeats, --threads and --jobs must be >= 1, --warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    common.import_peers()
+    if args.worker:
+        return worker(args)
+    methods = select_methods(args.methods)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown_modes = set(modes) - set(common.MODES)
+    if unknown_modes:
+        raise SystemExit(f"unknown mode(s) {sorted(unknown_modes)}; choose from {', '.join(common.MODES)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    models = list(common.BACKBONES) if args.model == "all" else [args.model]
+    for model_name in models:
+        results = run_model(model_name, methods, modes, args)
+        write_results(results, args)
+    return 0
+
+
+def select_methods(spec: str) -> list[common.Method]:
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in common.METHODS]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(common.METHODS)}")
+    if "bare" not in names:
+        names.insert(0, "bare")
+    missing: dict[str, list[str]] = {}
+    selected = []
+    for name in common.METHODS:  # canonical order
+        if name not in names:
+            continue
+        method = common.METHODS[name]
+        if common.library_available(method.requires):
+            selected.append(method)
+        else:
+            missing.setdefault(method.requires, []).append(name)
+    for library, skipped in missing.items():
+        print(
+            f"skipping {', '.join(skipped)}: the `{library}` package is not installed "
+            "(peers run in the benchmark environment, see benchmarks/README.md)",
+            flush=True,
+        )
+    return selected
+
+
+# -- the main process: build everything once, time interleaved --------------------------------------
+
+
+def run_model(model_name: str, methods: list[common.Method], modes: list[str], args) -> dict:
+    from tqdm.auto import tqdm
+
+    sizes = common.QUICK_SIZES if args.quick else common.FULL_SIZES
+    print(f"\n== {model_name}{' (quick)' if args.quick else ''}: building {len(methods)} methods", flush=True)
+    backbone = common.build_backbone(model_name, args.quick)
+    hidden = backbone.config.hidden_size
+    num_layers = backbone.config.num_hidden_layers
+    head_params = sum(p.numel() for p in backbone.classifier.parameters())
+    built: dict[str, common.Built] = {}
+    info: dict[str, dict] = {}
+    for method in tqdm(methods, desc="build + save", leave=False):
+        b = common.build_method(method, common.copy_backbone(backbone))
+        with tempfile.TemporaryDirectory(prefix=f"ckpt_{method.name}_") as folder:
+            b.save(Path(folder))
+            checkpoint = common.folder_bytes(Path(folder))
+        built[method.name] = b
+        info[method.name] = {
+            "label": method.label,
+            "library": method.requires or ("spartan" if method.name.startswith("spartan") else "transformers"),
+            "trainable_params": b.trainable_params,
+            "added_params_per_layer": (b.trainable_params - head_params) / num_layers if method.name != "full" else None,
+            "checkpoint": checkpoint,
+            "notes": b.notes,
+            **b.extra,
+        }
+    del backbone
+    gc.collect()
+
+    timings: dict[str, dict] = {}
+    for mode in modes:
+        runnable = [m for m in methods if (m.train if mode == "train" else m.inference)]
+        steps = {m.name: common.make_step(m, built[m.name], mode, sizes) for m in runnable}
+        rounds = args.warmup + args.repeats
+        times: dict[str, list[float]] = {m.name: [] for m in runnable}
+        ratios: dict[str, list[float]] = {m.name: [] for m in runnable}
+        bar = tqdm(total=rounds * len(runnable), desc=f"{model_name} {MODE_TITLES[mode]}", leave=False)
+        for r in range(rounds):
+            order = runnable[r % len(runnable):] + runnable[: r % len(runnable)]  # rotate: no fixed position
+            this_round = {}
+            for method in order:
+                this_round[method.name] = common.timed(steps[method.name])
+                bar.update()
+            if r < args.warmup:
+                continue
+            for name, seconds in this_round.items():
+                times[name].append(seconds)
+                ratios[name].append(seconds / this_round["bare"])
+        bar.close()
+        for name in times:
+            ratio_sorted = sorted(ratios[name])
+            timings.setdefault(name, {})[mode] = {
+                "median_s": common.median(times[name]),
+                "ratio": common.median(ratios[name]),
+                "ratio_min": ratio_sorted[0],
+                "ratio_max": ratio_sorted[-1],
+                "times_s": times[name],
+                "ratios": ratios[name],
+            }
+        print(f"   {model_name} {MODE_TITLES[mode]}: " + ", ".join(
+            f"{n} {timings[n][mode]['median_s'] * 1e3:.0f} ms ({fmt_overhead(timings[n][mode]['ratio'])})"
+            for n in times), flush=True)
+        del steps
+        gc.collect()
+    del built
+    gc.collect()
+
+    memory: dict[str, dict] = {}
+    if not args.no_memory:
+        memory_modes = [mode for mode in ("infer_b32", "train") if mode in modes]
+        jobs = [(m, mode) for m in methods for mode in memory_modes if (m.train if mode == "train" else m.inference)]
+        with ThreadPoolExecutor(args.jobs) as pool:  # each job is a fresh subprocess
+            futures = {pool.submit(run_worker, model_name, m.name, mode, args): (m, mode) for m, mode in jobs}
+            for future in tqdm(as_completed(futures), total=len(jobs), desc=f"{model_name} peak memory", leave=False):
+                method, mode = futures[future]
+                memory.setdefault(method.name, {})[mode] = future.result()
+
+    return {
+        "model": model_name,
+        "quick": args.quick,
+        "hidden_size": hidden,
+        "num_layers": num_layers,
+        "head_params": head_params,
+        "sizes": dataclasses.asdict(sizes),
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "environment": environment(),
+        "methods": {m.name: {**info[m.name], "time": timings.get(m.name, {}), "memory": memory.get(m.name, {})}
+                    for m in methods},
+    }
+
+
+def environment() -> dict:
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "adapters", "peft", "spartan"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    versions["spartan_source"] = spartan_fingerprint()
+    versions["platform"] = platform.platform()
+    versions["processor"] = platform.processor() or platform.machine()
+    return versions
+
+
+def spartan_fingerprint() -> dict:
+    """Which spartan code was measured: the commit, and a hash of the files on the measured path as they were."""
+    import hashlib
+
+    import spartan
+
+    package = Path(spartan.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for file in (package / "memory.py", package / "inject.py"):
+        digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    commit = subprocess.run(["git", "-C", str(package), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(package), "status", "--porcelain", "--", "."], capture_output=True, text=True)
+    return {"commit": commit.stdout.strip() or None, "uncommitted_changes": bool(dirty.stdout.strip()),
+            "memory_inject_sha256": digest.hexdigest()[:16]}
+
+
+def run_worker(model_name: str, method: str, mode: str, args) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", model_name, "--method", method,
+               "--mode", mode, "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+    done = subprocess.run(command, capture_output=True, text=True)
+    for line in done.stdout.splitlines():
+        if line.startswith(WORKER_TAG):
+            return json.loads(line[len(WORKER_TAG):])
+    tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+    print(f"   peak-memory worker {method}/{mode} failed (exit {done.returncode}): {' | '.join(tail)}", flush=True)
+    return {"error": " | ".join(tail)}
+
+
+def worker(args) -> int:
+    """One fresh process: build one method, reset the RSS high-water mark, run the mode, report the peak."""
+    method = common.METHODS[args.method]
+    sizes = common.QUICK_SIZES if args.quick else common.FULL_SIZES
+    rss_start = common.current_rss_bytes()
+    built = common.build_method(method, common.build_backbone(args.model, args.quick))
+    step = common.make_step(method, built, args.mode, sizes)
+    gc.collect()
+    rss_built = common.current_rss_bytes()
+    reset = common.reset_peak_rss()
+    for _ in range(2 if args.mode == "train" else 1):  # the second training step runs with the optimizer state allocated
+        step()
+    peak, source = common.peak_rss_bytes()
+    if not reset:
+        source += " (whole process, not reset after building)"
+    result = {"rss_after_imports": rss_start, "rss_after_build": rss_built, "peak_rss": peak, "peak_source": source}
+    print(WORKER_TAG + json.dumps(result), flush=True)
+    return 0
+
+
+# -- output ------------------------------------------------------------------------------------------
+
+
+def fmt_overhead(ratio: float | None) -> str:
+    return "–" if ratio is None else f"{(ratio - 1) * 100:+.1f}%"
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "–"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def fmt_mb(n: int | None) -> str:
+    return "–" if n is None else f"{n / 2**20:,.0f}"
+
+
+def markdown(results: dict) -> str:
+    sizes = results["sizes"]
+    env = results["environment"]
+    methods = results["methods"]
+    lines = [
+        f"# Speed, memory and storage: {results['model']}{' (quick smoke run)' if results['quick'] else ''}",
+        "",
+        f"CPU, {results['threads']} threads, {results['hidden_size']} hidden, {results['num_layers']} layers; "
+        f"sequence length {sizes['seq_len']}; inference batch {sizes['infer_batch']} and {sizes['latency_batch']}, "
+        f"training batch {sizes['train_batch']}. Methods interleaved, {results['warmup']} warm-up round(s) "
+        f"discarded, medians over {results['repeats']} rounds; overhead = median over rounds of "
+        "(method / bare backbone in the same round) - 1.",
+        f"torch {env['torch']}, transformers {env['transformers']}, adapters {env['adapters']}, peft {env['peft']}, "
+        f"spartan {env['spartan']}; {env['processor']}, {env['platform']}.",
+        "",
+        "## Time",
+        "",
+        f"| method | inference b{sizes['infer_batch']} (ms) | overhead | seq/s | latency b{sizes['latency_batch']} (ms) "
+        f"| overhead | train step b{sizes['train_batch']} (ms) | vs bare |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in methods.items():
+        t = m["time"]
+        cells = [m["label"]]
+        for mode, batch in (("infer_b32", sizes["infer_batch"]), ("infer_b1", None), ("train", None)):
+            if mode in t:
+                cells += [f"{t[mode]['median_s'] * 1e3:,.1f}", fmt_overhead(t[mode]["ratio"])]
+                if batch:
+                    cells.append(f"{batch / t[mode]['median_s']:.2f}")
+            else:
+                cells += ["–", "–"] + (["–"] if batch else [])
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "The bare backbone's training step trains only the classification head (a linear probe), so its "
+        "backward pass stops at the head; every other method back-propagates through the whole backbone.",
+        "",
+        "## Memory and storage",
+        "",
+        "| method | trainable params | added per layer | checkpoint (bytes) | checkpoint | files | "
+        "peak RSS inference (MB) | vs bare | peak RSS train (MB) | vs bare |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    bare_mem = methods["bare"]["memory"]
+    for name, m in methods.items():
+        ckpt = m["checkpoint"]
+        per_layer = m["added_params_per_layer"]
+        cells = [m["label"], f"{m['trainable_params']:,}", "–" if per_layer is None else f"{per_layer:,.0f}",
+                 f"{ckpt['bytes']:,}", fmt_bytes(ckpt["bytes"]), str(ckpt["files"])]
+        for mode in ("infer_b32", "train"):
+            peak = m["memory"].get(mode, {}).get("peak_rss")
+            bare_peak = bare_mem.get(mode, {}).get("peak_rss")
+            cells.append(fmt_mb(peak))
+            cells.append("–" if peak is None or bare_peak is None else f"{(peak - bare_peak) / 2**20:+,.0f} MB")
+        lines.append("| " + " | ".join(cells) + " |")
+    sources = {v.get("peak_source") for m in methods.values() for v in m["memory"].values() if "peak_source" in v}
+    notes = [m for m in methods.values() if m["notes"] or m.get("bottleneck")]
+    lines += [
+        "",
+        f"Peak RSS: high-water mark ({', '.join(sorted(s for s in sources if s)) or 'n/a'}) of a fresh process per "
+        f"method and mode, reset after building the model, over one inference pass at batch "
+        f"{sizes['infer_batch']} or two training steps at batch {sizes['train_batch']} (the second with the "
+        "optimizer state allocated). Checkpoint: the folder written by the method's own save call "
+        "(spartan.save_memory, adapters save_adapter + the head, peft save_pretrained, transformers "
+        "save_pretrained), bytes of all files in it.",
+        "",
+    ]
+    for m in notes:
+        extra = f"bottleneck {m['bottleneck']}, reduction factor {m['reduction_factor']}" if m.get("bottleneck") else ""
+        lines.append(f"- {m['label']}: {'; '.join(x for x in (m['notes'], extra) if x)}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = {n: m for n, m in results["methods"].items() if n != "bare"}
+    names = list(methods)
+    labels = [methods[n]["label"].replace(" (", "\n(").replace(", ", ",\n") for n in names]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [2, 1.2]})
+    width = 0.38
+    x = range(len(names))
+    for offset, mode, color in ((-width / 2, "infer_b32", "tab:blue"), (width / 2, "infer_b1", "tab:orange")):
+        values = [(methods[n]["time"].get(mode, {}).get("ratio", float("nan")) - 1) * 100 for n in names]
+        left.bar([i + offset for i in x], values, width, label=MODE_TITLES[mode], color=color)
+    left.set_xticks(list(x), labels, fontsize=7)
+    left.axhline(0, color="black", linewidth=0.8)
+    left.set_ylabel("time overhead vs bare backbone (%)")
+    left.set_title("inference")
+    left.legend()
+    train_names = [n for n in names if "train" in methods[n]["time"]]
+    values = [(methods[n]["time"]["train"]["ratio"] - 1) * 100 for n in train_names]
+    right.bar(range(len(train_names)), values, 0.6, color="tab:green")
+    right.set_xticks(range(len(train_names)), [labels[names.index(n)] for n in train_names], fontsize=7)
+    right.set_ylabel("time overhead vs bare backbone (%)")
+    right.set_title("training step (bare = head-only linear probe)")
+    fig.suptitle(f"{results['model']}: overhead over the frozen backbone, CPU {results['threads']} threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(results: dict, args) -> None:
+    stem = args.out / f"speed_{results['model']}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(results))
+    if not args.no_plot:
+        try:
+            plot(results, stem.with_suffix(".png"))
+        except ImportError:
+            print("matplotlib is not installed: no chart", flush=True)
+    print(f"wrote {stem}.md / .json{'' if args.no_plot else ' / .png'}", flush=True)
+    print(markdown(results), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
