@@ -295,6 +295,45 @@ def timed(step: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
+def interleaved_timings(
+    calls: dict[str, Callable[[], None]],
+    baseline: str,
+    repeats: int,
+    warmup: int = 1,
+    on_call: Callable[[], None] | None = None,
+) -> dict[str, dict]:
+    """Time ``calls`` in interleaved rounds and compare each with ``baseline`` round by round.
+
+    Round r runs every call once, starting at a rotating offset (no call always runs first or
+    last); the first ``warmup`` rounds are discarded. Per call: the median seconds and the median
+    over rounds of (call / baseline in the same round), with the extremes and the raw values.
+    """
+    names = list(calls)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(warmup + repeats):
+        offset = round_index % len(names)
+        this_round = {}
+        for name in names[offset:] + names[:offset]:
+            this_round[name] = timed(calls[name])
+            if on_call is not None:
+                on_call()
+        if round_index >= warmup:
+            for name, seconds in this_round.items():
+                times[name].append(seconds)
+    results = {}
+    for name, values in times.items():
+        ratios = [value / base for value, base in zip(values, times[baseline])]
+        results[name] = {
+            "median_s": median(values),
+            "ratio": median(ratios),
+            "ratio_min": min(ratios),
+            "ratio_max": max(ratios),
+            "times_s": values,
+            "ratios": ratios,
+        }
+    return results
+
+
 # -- memory and disk ---------------------------------------------------------------------------------
 
 
@@ -317,6 +356,15 @@ def _status_kib(field_name: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+def peak_added_bytes(run: Callable[[], None]) -> int:
+    """Peak resident memory that ``run()`` adds to what the process holds before it (Linux only)."""
+    if not reset_peak_rss():
+        raise RuntimeError("measuring a call's peak memory needs Linux's /proc/self/clear_refs")
+    before = current_rss_bytes()
+    run()
+    return peak_rss_bytes()[0] - before
 
 
 def current_rss_bytes() -> int | None:

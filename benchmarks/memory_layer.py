@@ -16,9 +16,7 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,7 +24,10 @@ from tqdm.auto import tqdm
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertLayer
 
-from spartan import SparseHierarchicalMemory
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, when run as a script
+import common  # noqa: E402
+
+from spartan import SparseHierarchicalMemory  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SLOT_COUNTS = [48, 1024, 4096, 16384, 65536, 262144, 1048576]
@@ -40,33 +41,6 @@ def memory_shape(slots: int, top_k: int) -> tuple[int, int]:
         return 16, 3
     parents = 2 ** round(math.log2(math.sqrt(top_k * slots)))
     return parents, slots // parents
-
-
-def _read_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def peak_added_mib(run) -> float:
-    """Peak resident memory that ``run()`` adds on top of what the process holds before it."""
-    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
-    before = _read_kib("VmRSS")
-    run()
-    return (_read_kib("VmHWM") - before) / 1024
-
-
-def interleaved_medians(calls: dict[str, callable], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call, the calls run in rounds (A B C A B C ...) after ``warmup`` rounds."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for round_index in range(warmup + repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            if round_index >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def forward_backward(module: torch.nn.Module, hidden: torch.Tensor):
@@ -106,13 +80,13 @@ def measure(slots: int, args: argparse.Namespace, bert_layer: torch.nn.Module, h
     for mode, make in (("forward", forward_only), ("forward_backward", forward_backward)):
         calls = {"bert_layer": make(bert_layer, trainable_hidden if mode != "forward" else hidden)}
         calls |= {name: make(memory, trainable_hidden if mode != "forward" else hidden) for name, memory in memories.items()}
-        medians = interleaved_medians(calls, repeats)
-        for name, seconds in medians.items():
+        timings = common.interleaved_timings(calls, "bert_layer", repeats)
+        for name, timing in timings.items():
             entry = row.setdefault(name, {})
-            entry[f"{mode}_ms"] = 1000 * seconds
+            entry[f"{mode}_ms"] = 1000 * timing["median_s"]
             if name != "bert_layer":
-                entry[f"{mode}_vs_bert_layer"] = seconds / medians["bert_layer"]
-                entry[f"{mode}_peak_mib"] = peak_added_mib(calls[name])
+                entry[f"{mode}_vs_bert_layer"] = timing["ratio"]
+                entry[f"{mode}_peak_mib"] = common.peak_added_bytes(calls[name]) / 2**20
     for memory in memories.values():
         memory.zero_grad(set_to_none=True)
     return row
@@ -121,8 +95,8 @@ def measure(slots: int, args: argparse.Namespace, bert_layer: torch.nn.Module, h
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
         f"Memory layer alone on {args.batch} x {args.length} tokens at H=768, top-k {args.top_k}, "
-        f"{args.threads} threads; time as % of one BERT-base layer on the same input (same run, interleaved, "
-        f"median of {args.repeats}); peak = resident memory the call adds.",
+        f"{args.threads} threads; time as % of one BERT-base layer on the same input (median over interleaved rounds of the "
+        f"ratio in each round, {args.repeats} rounds); peak = resident memory the call adds.",
         "",
         "| slots (P x C) | path | forward ms | % of BERT layer | fwd+bwd ms | % of BERT layer | fwd peak MiB | fwd+bwd peak MiB |",
         "|---|---|---|---|---|---|---|---|",

@@ -145,35 +145,14 @@ def run_model(model_name: str, methods: list[common.Method], modes: list[str], a
     for mode in modes:
         runnable = [m for m in methods if (m.train if mode == "train" else m.inference)]
         steps = {m.name: common.make_step(m, built[m.name], mode, sizes) for m in runnable}
-        rounds = args.warmup + args.repeats
-        times: dict[str, list[float]] = {m.name: [] for m in runnable}
-        ratios: dict[str, list[float]] = {m.name: [] for m in runnable}
-        bar = tqdm(total=rounds * len(runnable), desc=f"{model_name} {MODE_TITLES[mode]}", leave=False)
-        for r in range(rounds):
-            order = runnable[r % len(runnable):] + runnable[: r % len(runnable)]  # rotate: no fixed position
-            this_round = {}
-            for method in order:
-                this_round[method.name] = common.timed(steps[method.name])
-                bar.update()
-            if r < args.warmup:
-                continue
-            for name, seconds in this_round.items():
-                times[name].append(seconds)
-                ratios[name].append(seconds / this_round["bare"])
+        bar = tqdm(total=(args.warmup + args.repeats) * len(runnable), desc=f"{model_name} {MODE_TITLES[mode]}", leave=False)
+        measured = common.interleaved_timings(steps, "bare", args.repeats, args.warmup, on_call=bar.update)
         bar.close()
-        for name in times:
-            ratio_sorted = sorted(ratios[name])
-            timings.setdefault(name, {})[mode] = {
-                "median_s": common.median(times[name]),
-                "ratio": common.median(ratios[name]),
-                "ratio_min": ratio_sorted[0],
-                "ratio_max": ratio_sorted[-1],
-                "times_s": times[name],
-                "ratios": ratios[name],
-            }
+        for name, timing in measured.items():
+            timings.setdefault(name, {})[mode] = timing
         print(f"   {model_name} {MODE_TITLES[mode]}: " + ", ".join(
             f"{n} {timings[n][mode]['median_s'] * 1e3:.0f} ms ({fmt_overhead(timings[n][mode]['ratio'])})"
-            for n in times), flush=True)
+            for n in measured), flush=True)
         del steps
         gc.collect()
     del built
