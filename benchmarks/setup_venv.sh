@@ -9,7 +9,7 @@ CONSTRAINTS=benchmarks/constraints-transformers-457.txt   # torch==2.13.0, trans
 python3 -m venv "$VENV"
 "$VENV/bin/pip" install torch==2.13.0             # first, pinned: a looser spec pulls a CUDA build of several GB
 "$VENV/bin/pip" install -c "$CONSTRAINTS" "transformers~=4.57.0" adapters peft psutil matplotlib
-"$VENV/bin/pip" install -c "$CONSTRAINTS" -e ".[test]"   # spartan and its test suite's needs
+"$VENV/bin/pip" install -c "$CONSTRAINTS" -e ".[test]"   # spartan, with what its tests need
 "$VENV/bin/python" - <<'PY'
 import torch, transformers, adapters, peft
 assert torch.__version__.startswith("2.13.0"), torch.__version__

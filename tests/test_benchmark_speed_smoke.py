@@ -31,7 +31,7 @@ def test_quick_run_writes_tables_and_skips_missing_peers(speed, tmp_path, capsys
     assert speed.main(argv) == 0
     printed = capsys.readouterr().out
     for library, method in (("adapters", "seq_bn"), ("peft", "lora")):
-        if importlib.util.find_spec(library) is None:
+        if not speed.common.library_available(library):
             assert f"`{library}` package is not installed" in printed and method in printed
 
     results = json.loads((tmp_path / "speed_bert-base.json").read_text())

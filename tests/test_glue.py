@@ -206,7 +206,7 @@ def tokenizer(tmp_path_factory):
         words.update(re.findall(r"\w+|[^\w\s]", path.read_text(encoding="utf-8-sig").lower()))
     vocab_file = tmp_path_factory.mktemp("tokenizer") / "vocab.txt"
     vocab_file.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]) + "\n")
-    return BertTokenizer(vocab=str(vocab_file))
+    return BertTokenizer(str(vocab_file))  # the vocabulary file, positionally: transformers 4.x and 5.x
 
 
 def tiny_bert(tokenizer, num_labels):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import tiny
+from tiny_models import tiny, tiny_bert_without_dropout
 from toy_data import accuracy, toy_dataset
 
 import spartan
@@ -199,10 +199,7 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path):
     # Without dropout and the load-balancing loss (a statistic of each forward's batch, so only
     # approximately the same over 4 batches of 8 as over one of 32), the updates are the same.
     def final_weights(name, batch_size, accumulation):
-        model = wrapped_bert(aux_loss_weight=0.0)
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
+        model = spartan.wrap_model(tiny_bert_without_dropout(), num_parents=8, top_k=4, aux_loss_weight=0.0)
         config = settings(tmp_path, name, max_steps=4, batch_size=batch_size, gradient_accumulation_steps=accumulation)
         train(model, toy_dataset(128), config=config)
         return trainable(model)

@@ -45,6 +45,14 @@ def tiny(architecture: str, seed: int = 0) -> torch.nn.Module:
     return ARCHITECTURES[architecture]().eval()
 
 
+def tiny_bert_without_dropout(seed: int = 0) -> torch.nn.Module:
+    """A tiny BERT classifier that trains deterministically (transformers 4.x keeps the attention
+    dropout as a float, out of reach of ``nn.Dropout`` modules, so it is switched off in the config)."""
+    torch.manual_seed(seed)
+    config = BertConfig(**ENCODER, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(config).eval()
+
+
 def tiny_llama_lm(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**ENCODER, num_key_value_heads=1, **DECODER)).eval()
