@@ -4,14 +4,49 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .memory import IMPLEMENTATIONS, VALUE_INITS, validate_memory_shape
 
+ConfigT = TypeVar("ConfigT", bound="JsonConfig")
+
+
+class JsonConfig:
+    """Copy, dict and JSON round trips for a validating config dataclass; unknown field names are refused."""
+
+    def replace(self: ConfigT, **overrides: Any) -> ConfigT:
+        """A copy with some fields changed (validated); unknown names raise a ValueError."""
+        self._check_field_names(overrides)
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[ConfigT], values: dict[str, Any]) -> ConfigT:
+        cls._check_field_names(values)
+        return cls(**values)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls: type[ConfigT], path: str | os.PathLike) -> ConfigT:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def _check_field_names(cls, values: dict[str, Any]) -> None:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {sorted(known)}")
+
+
 @dataclass
-class SpartanConfig:
+class SpartanConfig(JsonConfig):
     """How the memories injected after each layer are shaped and trained.
 
     Defaults are the SPARTAN paper's setting: 16 parents x 3 children, top-8 parents,
@@ -54,35 +89,7 @@ class SpartanConfig:
         if self.aux_loss_weight < 0:
             raise ValueError(f"aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
 
-    def replace(self, **overrides: Any) -> SpartanConfig:
-        """A copy with some fields changed (validated); unknown names raise a ValueError."""
-        _check_field_names(overrides)
-        return dataclasses.replace(self, **overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> SpartanConfig:
-        _check_field_names(values)
-        return cls(**values)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> SpartanConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-
-
-def _check_field_names(values: dict[str, Any]) -> None:
-    known = {f.name for f in dataclasses.fields(SpartanConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown SpartanConfig field(s) {unknown}; valid fields: {sorted(known)}")
-

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from .checkpoint import read_checkpoint, save_memory
+from .config import JsonConfig
 from .inject import is_wrapped, task_state_dict
 
 MIXED_PRECISIONS = ("no", "bf16", "auto")
@@ -54,7 +55,7 @@ ComputeMetrics = Callable[[np.ndarray, np.ndarray], Mapping[str, float]]
 
 
 @dataclass
-class TrainingConfig:
+class TrainingConfig(JsonConfig):
     """How ``train`` runs.
 
     Args:
@@ -140,26 +141,6 @@ class TrainingConfig:
             self.metric_for_best is None or (isinstance(self.metric_for_best, str) and bool(self.metric_for_best)),
             f"metric_for_best must be None (lowest eval loss) or a key of compute_metrics' output, got {self.metric_for_best!r}",
         )
-
-    def replace(self, **overrides: Any) -> TrainingConfig:
-        """A copy with some fields changed (validated); unknown names raise a ValueError."""
-        _check_field_names(overrides)
-        return dataclasses.replace(self, **overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> TrainingConfig:
-        _check_field_names(values)
-        return cls(**values)
-
-    def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> TrainingConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 @dataclass
@@ -573,13 +554,6 @@ def _require(condition: bool, message: str) -> None:
 
 def _is_int(value: Any, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
-def _check_field_names(values: Mapping[str, Any]) -> None:
-    known = {f.name for f in dataclasses.fields(TrainingConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown TrainingConfig field(s) {unknown}; valid fields: {sorted(known)}")
 
 
 def _resolve_mixed_precision(choice: str) -> str:
