@@ -78,6 +78,7 @@ def measure(slots: int, args: argparse.Namespace, bert_layer: torch.nn.Module, h
     trainable_hidden = hidden.detach().requires_grad_(True)
     repeats = args.repeats if slots <= 65536 else max(1, args.repeats // 3)
     for mode, make in (("forward", forward_only), ("forward_backward", forward_backward)):
+        bert_layer.train(mode == "forward_backward")  # no dropout at inference
         calls = {"bert_layer": make(bert_layer, trainable_hidden if mode != "forward" else hidden)}
         calls |= {name: make(memory, trainable_hidden if mode != "forward" else hidden) for name, memory in memories.items()}
         timings = common.interleaved_timings(calls, "bert_layer", repeats)
@@ -96,7 +97,9 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
         f"Memory layer alone on {args.batch} x {args.length} tokens at H=768, top-k {args.top_k}, "
         f"{args.threads} threads; time as % of one BERT-base layer on the same input (median over interleaved rounds of the "
-        f"ratio in each round, {args.repeats} rounds); peak = resident memory the call adds.",
+        f"ratio in each round, {args.repeats} rounds); peak = resident memory the call adds. The BERT layer runs in eval "
+        f"mode for the forward rows and in train mode (dropout) for fwd+bwd. The sparse path's fwd+bwd peak includes the "
+        f"dense gradients of its parameters ([P, C, H] each for keys and values), which grow with P x C.",
         "",
         "| slots (P x C) | path | forward ms | % of BERT layer | fwd+bwd ms | % of BERT layer | fwd peak MiB | fwd+bwd peak MiB |",
         "|---|---|---|---|---|---|---|---|",

@@ -18,6 +18,9 @@ VALUE_INITS = ("zeros", "normal")
 # H=768 (benchmarks/results/memory_layer.md): dense is faster at 1,024 slots (180 vs 278 ms forward),
 # sparse at 4,096 (384 vs 738 ms); the dense cost grows with P * C, the sparse one with P + k * C.
 DENSE_MAX_SLOTS = 2048
+# The sparse path reads this many tokens at a time, so its gathered activations stay near
+# chunk_tokens * top_k * H values whatever the batch (about 24 MiB at top-k 8, H=768, fp32).
+SPARSE_CHUNK_TOKENS = 1024
 
 
 class Routing(NamedTuple):
@@ -59,6 +62,7 @@ class SparseHierarchicalMemory(nn.Module):
         temperature: divides the child logits.
         value_init: ``"zeros"`` (the read-out starts at exactly zero) or ``"normal"``.
         implementation: ``"dense"``, ``"sparse"`` or ``"auto"`` (dense up to ``DENSE_MAX_SLOTS`` slots).
+        chunk_tokens: tokens the sparse path reads at a time; bounds its peak memory.
 
     Shape:
         - Input: ``[..., H]``.
@@ -76,6 +80,7 @@ class SparseHierarchicalMemory(nn.Module):
         temperature: float = 1.0,
         value_init: str = "zeros",
         implementation: str = "auto",
+        chunk_tokens: int = SPARSE_CHUNK_TOKENS,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -87,6 +92,8 @@ class SparseHierarchicalMemory(nn.Module):
             raise ValueError(f"value_init must be one of {VALUE_INITS}, got {value_init!r}")
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+        if not isinstance(chunk_tokens, int) or chunk_tokens <= 0:
+            raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}")
         self.hidden_size = hidden_size
         self.num_parents = num_parents
         self.children_per_parent = children_per_parent
@@ -96,6 +103,7 @@ class SparseHierarchicalMemory(nn.Module):
         if implementation == "auto":
             implementation = "dense" if num_parents * children_per_parent <= DENSE_MAX_SLOTS else "sparse"
         self.implementation = implementation
+        self.chunk_tokens = chunk_tokens
         factory = {"device": device, "dtype": dtype}
         self.parent_keys = nn.Parameter(torch.empty(num_parents, hidden_size, **factory))
         self.child_keys = nn.Parameter(torch.empty(num_parents, children_per_parent, hidden_size, **factory))
@@ -153,27 +161,35 @@ class SparseHierarchicalMemory(nn.Module):
 
     @torch.compiler.disable  # a data-dependent loop over parents: run it eagerly inside compiled graphs
     def _read_sparse(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        k = self.top_k
         parent_logits = tokens @ self.parent_keys.T  # [N, P]
         top_indices, parent_weights = self._select_parents(parent_logits)  # [N, k]
-        # Group the N*k (token, parent) pairs by parent, then read each used parent's children with
+        # unbind, not indexing: its backward builds each gradient once, not one full-size tensor per parent
+        keys, values = self.child_keys.unbind(0), self.child_values.unbind(0)  # P x [C, H]
+        chunks = zip(*(t.split(self.chunk_tokens) for t in (tokens, top_indices, parent_weights)))
+        out = torch.cat([self._read_children(*chunk, keys, values) for chunk in chunks])
+        return out, top_indices, parent_weights
+
+    def _read_children(
+        self, tokens: Tensor, top_indices: Tensor, parent_weights: Tensor, keys: tuple[Tensor, ...], values: tuple[Tensor, ...]
+    ) -> Tensor:
+        """The weighted child read-out [n, H] of n tokens whose top-k parents are selected; ``keys``
+        and ``values`` hold each parent's children ([C, H] each)."""
+        k = self.top_k
+        # Group the n*k (token, parent) pairs by parent, then read each used parent's children with
         # two small matrix products: per token, work and memory grow with k*C, and every child key
-        # and value is read once per forward, not once per token that selected its parent.
+        # and value is read once per chunk, not once per token that selected its parent.
         pair_parents = top_indices.flatten()
         order = pair_parents.argsort(stable=True)
-        pair_tokens = order // k  # [N*k], grouped by parent
+        pair_tokens = order // k  # [n*k], grouped by parent
         group_sizes = torch.bincount(pair_parents, minlength=self.num_parents).tolist()
         grouped_tokens = tokens[pair_tokens].split(group_sizes)  # per parent: [n_p, H]
         grouped_weights = parent_weights.flatten()[order].unsqueeze(-1).split(group_sizes)  # per parent: [n_p, 1]
-        # unbind, not indexing: its backward builds each gradient once, not one full-size tensor per parent
-        keys, values = self.child_keys.unbind(0), self.child_values.unbind(0)  # P x [C, H]
         weighted = torch.cat([
             (_upcast(rows @ keys[parent].T / self.temperature).softmax(dim=-1) * weights).to(rows.dtype) @ values[parent]
             for parent, (rows, weights) in enumerate(zip(grouped_tokens, grouped_weights))
             if len(rows)
-        ])  # [N*k, H]: each (token, parent) pair's weighted read-out
-        out = torch.zeros_like(tokens).index_add(0, pair_tokens, weighted.to(tokens.dtype))
-        return out, top_indices, parent_weights
+        ])  # [n*k, H]: each (token, parent) pair's weighted read-out
+        return torch.zeros_like(tokens).index_add(0, pair_tokens, weighted.to(tokens.dtype))
 
 
 def _upcast(tensor: Tensor) -> Tensor:

@@ -28,10 +28,12 @@ def make_pair(hidden=24, parents=10, children=4, top_k=3, temperature=1.6, seed=
     return dense, sparse
 
 
-@pytest.mark.parametrize("implementation", ["dense", "sparse"])
+@pytest.mark.parametrize("implementation", ["dense", "sparse", "sparse in chunks"])
 def test_forward_and_gradients_match_reference(implementation):
     dense, sparse = make_pair()
     memory = dense if implementation == "dense" else sparse
+    if implementation == "sparse in chunks":
+        memory.chunk_tokens = 4  # 21 tokens: five full chunks and a short one
     hidden = torch.randn(3, 7, 24, dtype=torch.float64, requires_grad=True)
     out = memory(hidden)
     expected = reference_read(memory, hidden.view(-1, 24)).view_as(hidden)
@@ -90,6 +92,7 @@ def test_auto_picks_implementation_by_size():
         (dict(temperature=0.0), "temperature"),
         (dict(hidden_size=0), "hidden_size"),
         (dict(implementation="fast"), "implementation"),
+        (dict(chunk_tokens=0), "chunk_tokens"),
     ],
 )
 def test_bad_arguments_name_the_parameter(kwargs, parameter):
