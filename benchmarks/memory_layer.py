@@ -61,6 +61,22 @@ def forward_only(module: torch.nn.Module, hidden: torch.Tensor):
     return run
 
 
+def matmul_floor(memory: SparseHierarchicalMemory, hidden: torch.Tensor):
+    """Only the dense path's two matrix products (score all P + P*C keys, mix the P*C values): the
+    floor any dense implementation pays."""
+    tokens = hidden.reshape(-1, memory.hidden_size)
+    keys = torch.cat([memory.parent_keys, memory.child_keys.flatten(0, 1)]).detach()  # [P + P*C, H]
+    values = memory.child_values.flatten(0, 1).detach()  # [P*C, H]
+    slot_weights = torch.rand(len(tokens), len(values))
+
+    def run():
+        with torch.no_grad():
+            tokens @ keys.T
+            slot_weights @ values
+
+    return run
+
+
 def measure(slots: int, args: argparse.Namespace, bert_layer: torch.nn.Module, hidden: torch.Tensor) -> dict:
     parents, children = memory_shape(slots, args.top_k)
     tokens = hidden.shape[0] * hidden.shape[1]
@@ -81,12 +97,15 @@ def measure(slots: int, args: argparse.Namespace, bert_layer: torch.nn.Module, h
         bert_layer.train(mode == "forward_backward")  # no dropout at inference
         calls = {"bert_layer": make(bert_layer, trainable_hidden if mode != "forward" else hidden)}
         calls |= {name: make(memory, trainable_hidden if mode != "forward" else hidden) for name, memory in memories.items()}
+        if mode == "forward" and "dense" in memories:
+            calls["dense_matmuls"] = matmul_floor(memories["dense"], hidden)
         timings = common.interleaved_timings(calls, "bert_layer", repeats)
         for name, timing in timings.items():
             entry = row.setdefault(name, {})
             entry[f"{mode}_ms"] = 1000 * timing["median_s"]
             if name != "bert_layer":
                 entry[f"{mode}_vs_bert_layer"] = timing["ratio"]
+            if name not in ("bert_layer", "dense_matmuls"):
                 entry[f"{mode}_peak_mib"] = common.peak_added_bytes(calls[name]) / 2**20
     for memory in memories.values():
         memory.zero_grad(set_to_none=True)
@@ -116,6 +135,12 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
                 f"| {entry['forward_backward_ms']:.2f} | {100 * entry['forward_backward_vs_bert_layer']:.2f}% "
                 f"| {entry['forward_peak_mib']:.1f} | {entry['forward_backward_peak_mib']:.1f} |"
             )
+    floors = [
+        f"{row['slots']:,} slots {row['dense_matmuls']['forward_ms']:.2f} ms = {100 * row['dense_matmuls']['forward_vs_bert_layer']:.2f}%"
+        for row in rows
+        if "dense_matmuls" in row
+    ]
+    lines += ["", "The dense path's two matrix products alone (forward, the floor of a dense read): " + "; ".join(floors) + "."]
     bert = rows[0]["bert_layer"]
     lines += ["", f"One BERT-base layer: forward {bert['forward_ms']:.1f} ms, fwd+bwd {bert['forward_backward_ms']:.1f} ms (first row's run)."]
     return "\n".join(lines) + "\n"
