@@ -66,6 +66,8 @@ class SpartanConfig(JsonConfig):
             ``None`` finds them automatically.
         modules_to_save: module paths trained and saved besides the memories (the task head);
             ``None`` detects the head (``classifier``, ``score``, ...).
+        train_layer_norms: also train (and save with each task) the normalisation layers inside
+            the wrapped layers (LayerNorm, RMSNorm), as the original SPARTAN code did.
     """
 
     num_parents: int = 16
@@ -77,6 +79,7 @@ class SpartanConfig(JsonConfig):
     aux_loss_weight: float = 0.01
     layers: list[str] | None = None
     modules_to_save: list[str] | None = None
+    train_layer_norms: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, str):

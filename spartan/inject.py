@@ -27,7 +27,7 @@ class _WrapState:
     configs: dict[str, SpartanConfig]
     active: str
     layer_paths: list[str]
-    head_paths: list[str]
+    head_paths: list[str]  # every module trained and saved per task: the head, and norms with train_layer_norms
     original_heads: dict[str, nn.Module]  # as the model had them before wrapping
     parked_heads: dict[str, dict[str, nn.Module]]  # heads of the inactive tasks
     requires_grad: dict[str, bool]  # every backbone parameter's flag before wrapping
@@ -66,6 +66,8 @@ def wrap_model(
     config = (config or SpartanConfig()).replace(**overrides)
     layer_paths = _find_layers(model, config.layers)
     head_paths = _find_head(model, config.modules_to_save)
+    if config.train_layer_norms:
+        head_paths += _find_norms(model, layer_paths)
     state = _WrapState(
         configs={name: config},
         active=name,
@@ -99,10 +101,15 @@ def add_memory(model: nn.Module, name: str, config: SpartanConfig | None = None,
         raise ValueError(f"model already has a memory named {name!r}; choose another name")
     config = (config or SpartanConfig()).replace(**overrides)
     first = next(iter(state.configs.values()))
-    if config.layers not in (None, first.layers) or config.modules_to_save not in (None, first.modules_to_save):
+    if (
+        config.layers not in (None, first.layers)
+        or config.modules_to_save not in (None, first.modules_to_save)
+        or config.train_layer_norms != first.train_layer_norms
+    ):
         raise ValueError(
-            "all memories on one model share its layers and head modules: leave layers and "
-            "modules_to_save unset (or equal to the first memory's) when adding a memory"
+            "all memories on one model share its layers and per-task modules: leave layers and "
+            "modules_to_save unset (or equal to the first memory's) and give train_layer_norms the "
+            f"first memory's value ({first.train_layer_norms}) when adding a memory"
         )
     config = config.replace(layers=first.layers, modules_to_save=first.modules_to_save)
     getattr(model, MEMORIES_ATTRIBUTE)[name] = _build_memories(model, state, _hidden_size(model), config)
@@ -311,6 +318,16 @@ def _find_head(model: nn.Module, paths: list[str] | None) -> list[str]:
         name
         for name, child in model.named_children()
         if name in HEAD_NAMES and child is not base and any(True for _ in child.parameters())
+    ]
+
+
+def _find_norms(model: nn.Module, layer_paths: list[str]) -> list[str]:
+    """Module paths of the normalisation layers (LayerNorm, RMSNorm) inside the wrapped layers."""
+    return [
+        f"{layer}.{name}"
+        for layer in layer_paths
+        for name, module in model.get_submodule(layer).named_modules()
+        if name and (isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(("LayerNorm", "RMSNorm")))
     ]
 
 

@@ -22,8 +22,8 @@ def train_a_few_steps(model, inputs, steps=3, lr=5e-2):
     return model.eval()
 
 
-def trained_task(tmp_path, name, seed):
-    model = spartan.wrap_model(tiny("bert"), num_parents=8, top_k=3, name=name)
+def trained_task(tmp_path, name, seed, **overrides):
+    model = spartan.wrap_model(tiny("bert"), num_parents=8, top_k=3, name=name, **overrides)
     inputs = batch(seed=seed)
     torch.manual_seed(seed)
     train_a_few_steps(model, inputs)
@@ -49,10 +49,12 @@ def test_round_trip_reproduces_logits(tmp_path):
     assert torch.equal(fresh(**inputs).logits, logits)
 
 
-def test_two_tasks_on_one_backbone(tmp_path):
-    logits_a, inputs_a, folder_a = trained_task(tmp_path, "task_a", seed=1)
-    logits_b, inputs_b, folder_b = trained_task(tmp_path, "task_b", seed=2)
+@pytest.mark.parametrize("train_layer_norms", [False, True])
+def test_two_tasks_on_one_backbone(tmp_path, train_layer_norms):
+    logits_a, inputs_a, folder_a = trained_task(tmp_path, "task_a", seed=1, train_layer_norms=train_layer_norms)
+    logits_b, inputs_b, folder_b = trained_task(tmp_path, "task_b", seed=2, train_layer_norms=train_layer_norms)
     backbone = tiny("bert")
+    original_norm = backbone.bert.encoder.layer[0].output.LayerNorm.weight.detach().clone()
     spartan.load_memory(backbone, folder_a)
     spartan.load_memory(backbone, folder_b)
     assert spartan.memory_names(backbone) == ["task_a", "task_b"]
@@ -69,6 +71,10 @@ def test_two_tasks_on_one_backbone(tmp_path):
         spartan.load_memory(backbone, folder_b)
     spartan.load_memory(backbone, folder_b, name="task_b_copy")
     assert torch.equal(backbone(**inputs_b).logits, logits_b)
+    norm_trained = not torch.equal(backbone.bert.encoder.layer[0].output.LayerNorm.weight, original_norm)
+    assert norm_trained == train_layer_norms  # each task brings its own norms
+    spartan.unwrap_model(backbone)
+    assert torch.equal(backbone.bert.encoder.layer[0].output.LayerNorm.weight, original_norm)
 
 
 def test_add_memory_starts_from_original_head(tmp_path):
