@@ -151,6 +151,7 @@ class TrainResult:
     best_step: int | None  # update at which the best checkpoint was taken (None without eval_dataset)
     global_step: int  # optimizer updates done, including those before a resume
     train_runtime_s: float  # wall-clock seconds of this call
+    checkpoint_runtime_s: float  # of train_runtime_s, the seconds spent evaluating and saving checkpoints
     train_samples: int  # training examples processed by all processes, including those before a resume
     log_history: list[dict[str, Any]]  # the records of log.jsonl
     stopped_early: bool
@@ -306,6 +307,7 @@ class _TrainingRun:
         self.log_history: list[dict[str, Any]] = []
         self.running_loss = torch.zeros((), device=self.accelerator.device)
         self.running_batches = 0
+        self.checkpoint_seconds = 0.0
         self.shown: dict[str, str] = {}  # the latest loss and metric, on the progress bar
         last = _existing_folder(self.output_dir / LAST_NAME)
         if config.resume and last is not None:
@@ -345,6 +347,7 @@ class _TrainingRun:
             best_step=progress.best_step,
             global_step=progress.global_step,
             train_runtime_s=time.perf_counter() - started,
+            checkpoint_runtime_s=self.checkpoint_seconds,
             train_samples=progress.train_samples,
             log_history=self.log_history,
             stopped_early=progress.stopped_early,
@@ -408,6 +411,11 @@ class _TrainingRun:
 
     def _checkpoint(self) -> None:
         """Evaluate, keep the best weights, decide on early stopping, and save the state to resume from."""
+        started = time.perf_counter()
+        self._evaluate_and_save()
+        self.checkpoint_seconds += time.perf_counter() - started
+
+    def _evaluate_and_save(self) -> None:
         if self.eval_loader is not None:
             metrics = self._evaluate()
             self._track_best(metrics)

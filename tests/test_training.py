@@ -66,6 +66,7 @@ def test_learns_toy_task_and_logs(tmp_path):
     assert losses[-1] < losses[0]
     assert result.best_metrics["accuracy"] == max(scores) and result.global_step == 24
     assert result.train_samples == 3 * 256
+    assert 0 < result.checkpoint_runtime_s < result.train_runtime_s  # evaluation and saving, timed apart
 
     lines = result.log_file.read_text().splitlines()
     assert [json.loads(line) for line in lines] == result.log_history
