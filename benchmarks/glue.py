@@ -45,13 +45,13 @@ RESULTS = Path(__file__).parent / "results"
 TASKS = ("rte", "mrpc", "sst2")
 # method -> the learning rates swept on the first seed
 LEARNING_RATES = {
-    "head": (1e-3, 3e-3),
-    "full": (3e-5, 1e-4),
-    "spartan": (1e-3, 3e-3),
-    "seq_bn": (3e-4, 1e-3),
-    "seq_bn_matched": (3e-4, 1e-3),
-    "lora": (3e-4, 1e-3),
-    "lora_matched": (3e-4, 1e-3),
+    "head": (1e-3, 3e-3, 1e-2),
+    "full": (3e-5, 1e-4, 3e-4),
+    "spartan": (1e-3, 3e-3, 1e-2),
+    "seq_bn": (3e-4, 1e-3, 3e-3),
+    "seq_bn_matched": (3e-4, 1e-3, 3e-3),
+    "lora": (3e-4, 1e-3, 3e-3),
+    "lora_matched": (3e-4, 1e-3, 3e-3),
 }
 METHOD_NAMES = {"head": "bare"}  # benchmark name -> common.METHODS name, where they differ
 
@@ -66,15 +66,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="the first one runs the sweep")
     parser.add_argument("--few-shot", type=int, help="train on this many examples per task (the paper: 200)")
     parser.add_argument("--sst2-train-samples", type=int, default=5000, help="SST-2 train subset (full-data setting)")
-    parser.add_argument("--epochs", type=int, help="default: 3, or 10 with --few-shot")
-    parser.add_argument("--batch-size", type=int, help="default: 32, or 16 with --few-shot")
+    parser.add_argument("--epochs", type=int, help="default: 3, or 5 with --few-shot")
+    parser.add_argument("--batch-size", type=int, help="default: 32, or 8 with --few-shot (125 updates on 200 examples)")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report-only", action="store_true", help="rebuild the tables from the saved runs")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    args.epochs = args.epochs or (10 if args.few_shot else 3)
-    args.batch_size = args.batch_size or (16 if args.few_shot else 32)
+    args.epochs = args.epochs or (5 if args.few_shot else 3)
+    args.batch_size = args.batch_size or (8 if args.few_shot else 32)
     args.setting = f"fewshot{args.few_shot}" if args.few_shot else "full"
     args.runs_dir = args.out / "glue_runs" / args.setting
     args.methods = [spartan_variant(args.spartan) if m == "spartan" else m for m in args.methods]

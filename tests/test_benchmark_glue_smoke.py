@@ -28,7 +28,7 @@ def glue_benchmark():
 
 def test_protocol_sweeps_then_seeds_resumes_and_reports(glue_benchmark, tmp_path):
     argv = ["--data-dir", str(FIXTURES), "--tasks", "rte", "--methods", "head", "spartan", "--seeds", "0", "1",
-            "--few-shot", "4", "--epochs", "1", "--batch-size", "2", "--out", str(tmp_path)]
+            "--few-shot", "4", "--epochs", "1", "--batch-size", "2", "--lrs", "1e-3", "3e-3", "--out", str(tmp_path)]
     glue_benchmark.main(argv)
     runs_dir = tmp_path / "glue_runs" / "fewshot4"
     runs = {path.stem: json.loads(path.read_text()) for path in runs_dir.glob("*.json")}
