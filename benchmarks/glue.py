@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_name(task: str, method: str, lr: float, seed: int) -> str:
     """The run's file name; a spartan variant's overrides become key=value parts: spartan_temperature=1.0."""
     if method.startswith("spartan{"):
-        overrides = json.loads(method[len("spartan"):])
+        overrides = spartan_overrides(method)
         parts = (f"{key}={'+'.join(value) if isinstance(value, list) else value}" for key, value in overrides.items())
         method = "_".join(["spartan", *(re.sub(r"[^\w.=+-]+", "", part) for part in parts)])
     return f"{task}-{method}-lr{lr:g}-seed{seed}"
@@ -95,14 +95,19 @@ def spartan_variant(overrides: dict) -> str:
     return "spartan" + (json.dumps(overrides, sort_keys=True, separators=(",", ":")) if overrides else "")
 
 
+def spartan_overrides(method: str) -> dict:
+    """The SpartanConfig overrides a spartan method name carries ({} for "spartan")."""
+    return json.loads(method[len("spartan"):] or "{}")
+
+
 def learning_rates(method: str) -> tuple[float, ...]:
     return LEARNING_RATES["spartan" if method.startswith("spartan") else method]
 
 
 def build(method: str, backbone):
     if method.startswith("spartan"):
-        overrides = json.loads(method[len("spartan"):] or "{}")
-        return common.build_method(common.Method(method, method, None, common.build_spartan(overrides)), backbone)
+        spartan_method = common.Method(method, method, None, common.build_spartan(spartan_overrides(method)))
+        return common.build_method(spartan_method, backbone)
     return common.build_method(common.METHODS[METHOD_NAMES.get(method, method)], backbone)
 
 

@@ -15,8 +15,8 @@ IMPLEMENTATIONS = ("auto", "dense", "sparse")
 VALUE_INITS = ("zeros", "normal")
 
 # "auto" reads memories of up to this many child slots (P * C) densely. Measured on 32 x 128 tokens at
-# H=768 (benchmarks/results/memory_layer.md): dense is faster at 1,024 slots (180 vs 278 ms forward),
-# sparse at 4,096 (384 vs 738 ms); the dense cost grows with P * C, the sparse one with P + k * C.
+# H=768 (benchmarks/results/memory_layer.md): dense is faster at 1,024 slots (229 vs 439 ms forward),
+# sparse at 4,096 (439 vs 713 ms); the dense cost grows with P * C, the sparse one with P + k * C.
 DENSE_MAX_SLOTS = 2048
 # The sparse path reads this many tokens at a time, so its gathered activations stay near
 # chunk_tokens * top_k * H values whatever the batch (about 24 MiB at top-k 8, H=768, fp32).
