@@ -10,6 +10,7 @@ import copy
 import gc
 import importlib
 import os
+import random
 import resource
 import statistics
 import time
@@ -130,6 +131,12 @@ def _build_bare(model: nn.Module) -> Built:
     return Built(model, lambda folder: _save_head(model, folder), _trainable(model), "frozen backbone, head trained")
 
 
+def _build_bare_copy(model: nn.Module) -> Built:
+    built = _build_bare(model)
+    built.notes = "the bare backbone again, as its own copy: its overhead is the measurement's noise"
+    return built
+
+
 def _build_full(model: nn.Module) -> Built:
     model.requires_grad_(True)
     return Built(model, lambda folder: model.save_pretrained(folder), _trainable(model), "every weight trained")
@@ -230,6 +237,7 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in [
         Method("bare", "bare backbone (floor)", None, _build_bare),
+        Method("bare_copy", "bare backbone, 2nd copy (A/A)", None, _build_bare_copy),
         Method("spartan", "spartan 16x3 top-8", None, build_spartan(SPARTAN_PAPER)),
         Method("spartan_64x8", "spartan 64x8 top-8", None, build_spartan(SPARTAN_LARGE)),
         Method("seq_bn", "adapters seq_bn (Pfeiffer) rf16", "adapters", _build_adapter("seq_bn")),
@@ -320,8 +328,9 @@ def interleaved_timings(
     """Time ``calls`` in interleaved rounds and compare each with ``baseline`` round by round.
 
     Round r runs every call once, starting at a rotating offset (no call always runs first or
-    last); the first ``warmup`` rounds are discarded. Per call: the median seconds and the median
-    over rounds of (call / baseline in the same round), with the extremes and the raw values.
+    last); the first ``warmup`` rounds are discarded. Per call: the median seconds, the median over
+    rounds of (call / baseline in the same round) with a 95% bootstrap interval, the extremes and the
+    raw values.
     """
     names = list(calls)
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -341,12 +350,20 @@ def interleaved_timings(
         results[name] = {
             "median_s": median(values),
             "ratio": median(ratios),
+            "ratio_ci95": bootstrap_median_interval(ratios),
             "ratio_min": min(ratios),
             "ratio_max": max(ratios),
             "times_s": values,
             "ratios": ratios,
         }
     return results
+
+
+def bootstrap_median_interval(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """The 2.5th and 97.5th percentiles of the median of ``values`` resampled with replacement."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
 # -- memory and disk ---------------------------------------------------------------------------------

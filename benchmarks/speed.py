@@ -252,6 +252,14 @@ def fmt_overhead(ratio: float | None) -> str:
     return "–" if ratio is None else f"{(ratio - 1) * 100:+.1f}%"
 
 
+def fmt_overhead_interval(timing: dict) -> str:
+    """The median overhead and, when measured, its 95% bootstrap interval: +2.1% (-0.4..+4.0)."""
+    low, high = ((r - 1) * 100 for r in timing.get("ratio_ci95", (timing["ratio"],) * 2))
+    if low == high:  # the baseline, or a single round
+        return fmt_overhead(timing["ratio"])
+    return f"{fmt_overhead(timing['ratio'])} ({low:+.1f}..{high:+.1f})"
+
+
 def fmt_bytes(n: int | None) -> str:
     if n is None:
         return "–"
@@ -277,7 +285,8 @@ def markdown(results: dict) -> str:
         f"sequence length {sizes['seq_len']}; inference batch {sizes['infer_batch']} and {sizes['latency_batch']}, "
         f"training batch {sizes['train_batch']}. Methods interleaved, {results['warmup']} warm-up round(s) "
         f"discarded, medians over {results['repeats']} rounds; overhead = median over rounds of "
-        "(method / bare backbone in the same round) - 1.",
+        "(method / bare backbone in the same round) - 1, in brackets its 95% bootstrap interval. The A/A row "
+        "times a second copy of the bare backbone like any method: its overhead is the noise of the measurement.",
         f"torch {env['torch']}, transformers {env['transformers']}, adapters {env['adapters']}, peft {env['peft']}, "
         f"spartan {env['spartan']}; {env['processor']}, {env['platform']}.",
         "",
@@ -292,7 +301,7 @@ def markdown(results: dict) -> str:
         cells = [m["label"]]
         for mode, batch in (("infer_b32", sizes["infer_batch"]), ("infer_b1", None), ("train", None)):
             if mode in t:
-                cells += [f"{t[mode]['median_s'] * 1e3:,.1f}", fmt_overhead(t[mode]["ratio"])]
+                cells += [f"{t[mode]['median_s'] * 1e3:,.1f}", fmt_overhead_interval(t[mode])]
                 if batch:
                     cells.append(f"{batch / t[mode]['median_s']:.2f}")
             else:
