@@ -349,32 +349,33 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
+    """Horizontal bars of every method's overhead per mode, with the 95% intervals as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     methods = {n: m for n, m in results["methods"].items() if n != "bare"}
-    names = list(methods)
-    labels = [methods[n]["label"].replace(" (", "\n(").replace(", ", ",\n") for n in names]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [2, 1.2]})
-    width = 0.38
-    x = range(len(names))
-    for offset, mode, color in ((-width / 2, "infer_b32", "tab:blue"), (width / 2, "infer_b1", "tab:orange")):
-        values = [(methods[n]["time"].get(mode, {}).get("ratio", float("nan")) - 1) * 100 for n in names]
-        left.bar([i + offset for i in x], values, width, label=MODE_TITLES[mode], color=color)
-    left.set_xticks(list(x), labels, fontsize=7)
-    left.axhline(0, color="black", linewidth=0.8)
-    left.set_ylabel("time overhead vs bare backbone (%)")
-    left.set_title("inference")
-    left.legend()
-    train_names = [n for n in names if "train" in methods[n]["time"]]
-    values = [(methods[n]["time"]["train"]["ratio"] - 1) * 100 for n in train_names]
-    right.bar(range(len(train_names)), values, 0.6, color="tab:green")
-    right.set_xticks(range(len(train_names)), [labels[names.index(n)] for n in train_names], fontsize=7)
-    right.set_ylabel("time overhead vs bare backbone (%)")
-    right.set_title("training step (bare = head-only linear probe)")
-    fig.suptitle(f"{results['model']}: overhead over the frozen backbone, CPU {results['threads']} threads")
+    panels = [("inference", ("infer_b32", "infer_b1"), ("tab:blue", "tab:orange")),
+              ("training step (bare = head-only linear probe)", ("train",), ("tab:green",))]
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6), sharey=False)
+    for axis, (title, modes, colors) in zip(axes, panels):
+        names = [n for n in methods if any(mode in methods[n]["time"] for mode in modes)][::-1]  # top to bottom
+        height = 0.8 / len(modes)
+        for i, (mode, color) in enumerate(zip(modes, colors)):
+            timings = [methods[n]["time"].get(mode) for n in names]
+            values = [(t["ratio"] - 1) * 100 if t else float("nan") for t in timings]
+            errors = [[(t["ratio"] - t.get("ratio_ci95", (t["ratio"],) * 2)[0]) * 100 if t else 0 for t in timings],
+                      [(t.get("ratio_ci95", (t["ratio"],) * 2)[1] - t["ratio"]) * 100 if t else 0 for t in timings]]
+            offsets = [j + (len(modes) - 1 - 2 * i) * height / 2 for j in range(len(names))]
+            axis.barh(offsets, values, height, xerr=errors, color=color, label=MODE_TITLES[mode], capsize=2)
+        axis.set_yticks(range(len(names)), [methods[n]["label"] for n in names], fontsize=8)
+        axis.axvline(0, color="black", linewidth=0.8)
+        axis.set_xlabel("time overhead vs bare backbone (%), 95% interval")
+        axis.set_title(title)
+        axis.legend(loc="lower right")
+    fig.suptitle(f"{results['model']}: overhead over the frozen backbone, CPU {results['threads']} threads, "
+                 f"median of {results['repeats']} interleaved rounds")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
