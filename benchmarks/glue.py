@@ -254,7 +254,7 @@ def summarise(runs: list[dict], first_seed: int) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], runs: list[dict], setting: str) -> str:
+def markdown(rows: list[dict], runs: list[dict], setting: str, first_seed: int) -> str:
     example = runs[0]
     lines = [
         f"GLUE dev, all-MiniLM-L6-v2, setting `{setting}`: {example['epochs']} epochs, batch {example['batch_size']}, "
@@ -279,8 +279,36 @@ def markdown(rows: list[dict], runs: list[dict], setting: str) -> str:
             )
         average = f"{row['average']:.1f}" if "average" in row else ""
         lines.append(f"| {row['method']} | {params:,} | " + " | ".join(cells) + f" | {average} |")
-    lines += ["", f"{len(runs)} runs in results/glue_runs/{setting}/ (every learning rate and seed, with all metrics)."]
+    lines += ["", f"{len(runs)} runs in results/glue_runs/{setting}/ (every learning rate and seed, with all metrics).", ""]
+    lines += sweep_table(rows, runs, first_seed)
     return "\n".join(lines) + "\n"
+
+
+def sweep_table(rows: list[dict], runs: list[dict], first_seed: int) -> list[str]:
+    """Markdown lines: every method's score at each learning rate of the sweep on the first seed, the chosen one in bold."""
+    lines = [
+        "Learning-rate sweep on the first seed (score x100 at each rate; bold: chosen):",
+        "",
+        "| method | " + " | ".join(t.upper() for t in TASKS) + " |",
+        "|---|" + "---|" * len(TASKS),
+    ]
+    for row in rows:
+        cells = []
+        for task in TASKS:
+            entry = row["tasks"].get(task)
+            if entry is None:
+                cells.append("")
+                continue
+            sweep = sorted(
+                (r["learning_rate"], 100 * r["score"])
+                for r in runs
+                if (r["task"], r["method"], r["seed"]) == (task, row["method"], first_seed)
+            )
+            cells.append(", ".join(
+                f"**{lr:g}: {score:.1f}**" if lr == entry["learning_rate"] else f"{lr:g}: {score:.1f}" for lr, score in sweep
+            ))
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def report(args: argparse.Namespace) -> None:
@@ -288,7 +316,7 @@ def report(args: argparse.Namespace) -> None:
     if not runs:
         raise SystemExit(f"no runs in {args.runs_dir}: run the protocol first")
     rows = summarise(runs, args.seeds[0])
-    table = markdown(rows, runs, args.setting)
+    table = markdown(rows, runs, args.setting, args.seeds[0])
     print(table)
     (args.out / f"glue_{args.setting}.md").write_text(table)
     (args.out / f"glue_{args.setting}.json").write_text(json.dumps(rows, indent=2) + "\n")
