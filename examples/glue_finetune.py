@@ -24,7 +24,7 @@ from spartan.training import TrainingConfig, train
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 METHODS = ("spartan", "full", "head")
-DEFAULT_LEARNING_RATES = {"spartan": 1e-3, "full": 5e-5, "head": 1e-3}
+DEFAULT_LEARNING_RATES = {"spartan": 3e-3, "full": 5e-5, "head": 3e-3}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
