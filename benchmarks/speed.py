@@ -252,9 +252,14 @@ def fmt_overhead(ratio: float | None) -> str:
     return "–" if ratio is None else f"{(ratio - 1) * 100:+.1f}%"
 
 
+def ratio_interval(timing: dict) -> tuple[float, float]:
+    """The 95% interval of a timing's ratio; the ratio itself twice for results without one."""
+    return tuple(timing.get("ratio_ci95", (timing["ratio"], timing["ratio"])))
+
+
 def fmt_overhead_interval(timing: dict) -> str:
     """The median overhead and, when measured, its 95% bootstrap interval: +2.1% (-0.4..+4.0)."""
-    low, high = ((r - 1) * 100 for r in timing.get("ratio_ci95", (timing["ratio"],) * 2))
+    low, high = ((r - 1) * 100 for r in ratio_interval(timing))
     if low == high:  # the baseline, or a single round
         return fmt_overhead(timing["ratio"])
     return f"{fmt_overhead(timing['ratio'])} ({low:+.1f}..{high:+.1f})"
@@ -365,8 +370,8 @@ def plot(results: dict, path: Path) -> None:
         for i, (mode, color) in enumerate(zip(modes, colors)):
             timings = [methods[n]["time"].get(mode) for n in names]
             values = [(t["ratio"] - 1) * 100 if t else float("nan") for t in timings]
-            errors = [[(t["ratio"] - t.get("ratio_ci95", (t["ratio"],) * 2)[0]) * 100 if t else 0 for t in timings],
-                      [(t.get("ratio_ci95", (t["ratio"],) * 2)[1] - t["ratio"]) * 100 if t else 0 for t in timings]]
+            errors = [[(t["ratio"] - ratio_interval(t)[0]) * 100 if t else 0 for t in timings],
+                      [(ratio_interval(t)[1] - t["ratio"]) * 100 if t else 0 for t in timings]]
             offsets = [j + (len(modes) - 1 - 2 * i) * height / 2 for j in range(len(names))]
             axis.barh(offsets, values, height, xerr=errors, color=color, label=MODE_TITLES[mode], capsize=2)
         axis.set_yticks(range(len(names)), [methods[n]["label"] for n in names], fontsize=8)
