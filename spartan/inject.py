@@ -371,10 +371,10 @@ def _make_layer_hook(memories: nn.ModuleDict, state: _WrapState, index: int):
     def add_memory_read(module: nn.Module, args: tuple, output: Any) -> Any:
         memory = memories[state.active][index]
         if isinstance(output, Tensor):
-            return output + memory(output)
+            return memory(output, residual=output)
         if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
             hidden = output[0]
-            return (hidden + memory(hidden), *output[1:])
+            return (memory(hidden, residual=hidden), *output[1:])
         raise TypeError(f"spartan cannot read the hidden states from a {type(output).__name__} layer output")
 
     return add_memory_read

@@ -65,8 +65,8 @@ class SparseHierarchicalMemory(nn.Module):
         chunk_tokens: tokens the sparse path reads at a time; bounds its peak memory.
 
     Shape:
-        - Input: ``[..., H]``.
-        - Output: ``[..., H]``, the memory's read-out only (add it to the input yourself).
+        - Input: ``hidden_states`` ``[..., H]``; optional ``residual`` of the same shape.
+        - Output: ``[..., H]``, the memory's read-out, plus ``residual`` when given.
 
     After each forward, ``last_routing`` holds the selected parents and their weights.
     """
@@ -109,6 +109,7 @@ class SparseHierarchicalMemory(nn.Module):
         self.child_keys = nn.Parameter(torch.empty(num_parents, children_per_parent, hidden_size, **factory))
         self.child_values = nn.Parameter(torch.empty(num_parents, children_per_parent, hidden_size, **factory))
         self.last_routing: Routing | None = None
+        self._dense_cache: tuple | None = None  # (parameter versions, their tensors, the inference layout)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -127,15 +128,20 @@ class SparseHierarchicalMemory(nn.Module):
             f"temperature={self.temperature}, implementation={self.implementation!r}"
         )
 
-    def forward(self, hidden_states: Tensor) -> Tensor:
+    def forward(self, hidden_states: Tensor, residual: Tensor | None = None) -> Tensor:
+        """Read the memory; with ``residual`` (shaped like ``hidden_states``), return ``residual`` plus
+        the read-out, the addition fused into the read-out's last operation."""
         if hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(
                 f"hidden_states has hidden size {hidden_states.shape[-1]} but the memory was built with "
                 f"hidden_size={self.hidden_size}"
             )
+        if residual is not None and residual.shape != hidden_states.shape:
+            raise ValueError(f"residual has shape {tuple(residual.shape)}; it must match hidden_states' {tuple(hidden_states.shape)}")
         tokens = hidden_states.reshape(-1, self.hidden_size)  # [N, H]
+        base = None if residual is None else residual.reshape(-1, self.hidden_size)
         read = self._read_dense if self.implementation == "dense" else self._read_sparse
-        out, top_indices, parent_weights = read(tokens)
+        out, top_indices, parent_weights = read(tokens, base)
         leading = hidden_states.shape[:-1]
         self.last_routing = Routing(top_indices.view(*leading, self.top_k), parent_weights.view(*leading, self.top_k))
         return out.view(hidden_states.shape)
@@ -144,36 +150,66 @@ class SparseHierarchicalMemory(nn.Module):
         top_logits, top_indices = parent_logits.topk(self.top_k, dim=-1)  # [N, k]
         return top_indices, _upcast(top_logits).softmax(dim=-1).to(parent_logits.dtype)
 
-    def _read_dense(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        P, C, H = self.num_parents, self.children_per_parent, self.hidden_size
-        # Children are laid out child-major ([C, P]): the softmax over each parent's C children then
-        # runs over dim 1 with P contiguous, an order of magnitude faster than over a tiny last dim.
-        child_keys = self.child_keys.transpose(0, 1).reshape(C * P, H) / self.temperature
-        child_values = self.child_values.transpose(0, 1).reshape(C * P, H)
-        logits = tokens @ torch.cat([self.parent_keys, child_keys]).T  # [N, P + C*P], one matrix product
+    def _read_dense(self, tokens: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        P, C = self.num_parents, self.children_per_parent
+        keys, values = self._dense_layout()  # [H, P + C*P], [C*P, H]
+        logits = tokens @ keys  # [N, P + C*P]: parents and children in one matrix product
         parent_logits, child_logits = logits.split([P, C * P], dim=-1)
         top_indices, parent_weights = self._select_parents(parent_logits)
         child_weights = _upcast(child_logits.view(-1, C, P)).softmax(dim=1)  # [N, C, P]
-        selected = torch.zeros_like(child_weights[:, 0]).scatter(1, top_indices, parent_weights.to(child_weights.dtype))
+        selected = child_weights.new_zeros(len(tokens), P).scatter_(1, top_indices, parent_weights.to(child_weights.dtype))
         slot_weights = (selected.unsqueeze(1) * child_weights).view(-1, C * P)  # [N, C*P], zero outside the top-k
-        out = slot_weights.to(tokens.dtype) @ child_values.to(tokens.dtype)
+        slot_weights, values = slot_weights.to(tokens.dtype), values.to(tokens.dtype)
+        out = slot_weights @ values if residual is None else torch.addmm(residual, slot_weights, values)
         return out, top_indices, parent_weights
 
+    def _dense_layout(self) -> tuple[Tensor, Tensor]:
+        """All keys as one matrix [H, P + C*P] (child logits pre-divided by the temperature) and the
+        values [C*P, H]. Children are laid out child-major ([C, P]): the softmax over each parent's
+        C children then runs over dim 1 with P contiguous, an order of magnitude faster than over a
+        tiny last dim.
+
+        Rebuilt on every call while gradients flow to the memory; otherwise (inference) built once
+        and reused until a parameter changes (in place or replaced) or the temperature does.
+        """
+        params = (self.parent_keys, self.child_keys, self.child_values)
+        if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or any(p.is_inference() for p in params):
+            return self._build_dense_layout()
+        version = (self.temperature, *((p.data_ptr(), p._version, p.device) for p in params))
+        if self._dense_cache is None or self._dense_cache[0] != version:
+            with torch.no_grad():
+                # the sources keep the parameters' storage alive, so no new parameter can reuse its address
+                self._dense_cache = (version, tuple(p.detach() for p in params), self._build_dense_layout())
+        return self._dense_cache[2]
+
+    def _build_dense_layout(self) -> tuple[Tensor, Tensor]:
+        P, C, H = self.num_parents, self.children_per_parent, self.hidden_size
+        child_keys = self.child_keys.transpose(0, 1).reshape(C * P, H) / self.temperature
+        keys = torch.cat([self.parent_keys, child_keys]).T.contiguous()  # [H, P + C*P]
+        return keys, self.child_values.transpose(0, 1).reshape(C * P, H).contiguous()
+
     @torch.compiler.disable  # a data-dependent loop over parents: run it eagerly inside compiled graphs
-    def _read_sparse(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _read_sparse(self, tokens: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         parent_logits = tokens @ self.parent_keys.T  # [N, P]
         top_indices, parent_weights = self._select_parents(parent_logits)  # [N, k]
         # unbind, not indexing: its backward builds each gradient once, not one full-size tensor per parent
         keys, values = self.child_keys.unbind(0), self.child_values.unbind(0)  # P x [C, H]
-        chunks = zip(*(t.split(self.chunk_tokens) for t in (tokens, top_indices, parent_weights)))
+        base = torch.zeros_like(tokens) if residual is None else residual
+        chunks = zip(*(t.split(self.chunk_tokens) for t in (tokens, base, top_indices, parent_weights)))
         out = torch.cat([self._read_children(*chunk, keys, values) for chunk in chunks])
         return out, top_indices, parent_weights
 
     def _read_children(
-        self, tokens: Tensor, top_indices: Tensor, parent_weights: Tensor, keys: tuple[Tensor, ...], values: tuple[Tensor, ...]
+        self,
+        tokens: Tensor,
+        base: Tensor,
+        top_indices: Tensor,
+        parent_weights: Tensor,
+        keys: tuple[Tensor, ...],
+        values: tuple[Tensor, ...],
     ) -> Tensor:
-        """The weighted child read-out [n, H] of n tokens whose top-k parents are selected; ``keys``
-        and ``values`` hold each parent's children ([C, H] each)."""
+        """``base`` [n, H] plus the weighted child read-out of n tokens whose top-k parents are
+        selected; ``keys`` and ``values`` hold each parent's children ([C, H] each)."""
         k = self.top_k
         # Group the n*k (token, parent) pairs by parent, then read each used parent's children with
         # two small matrix products: per token, work and memory grow with k*C, and every child key
@@ -189,7 +225,7 @@ class SparseHierarchicalMemory(nn.Module):
             for parent, (rows, weights) in enumerate(zip(grouped_tokens, grouped_weights))
             if len(rows)
         ])  # [n*k, H]: each (token, parent) pair's weighted read-out
-        return torch.zeros_like(tokens).index_add(0, pair_tokens, weighted.to(tokens.dtype))
+        return base.index_add(0, pair_tokens, weighted.to(base.dtype))
 
 
 def _upcast(tensor: Tensor) -> Tensor:

@@ -65,6 +65,49 @@ def test_unselected_parents_take_no_part(implementation):
     assert torch.count_nonzero(memory.child_values.grad[next(iter(selected))]) > 0
 
 
+@pytest.mark.parametrize("implementation", ["dense", "sparse", "sparse in chunks"])
+def test_residual_is_added_to_the_read_out(implementation):
+    dense, sparse = make_pair()
+    memory = dense if implementation == "dense" else sparse
+    if implementation == "sparse in chunks":
+        memory.chunk_tokens = 4
+    hidden = torch.randn(3, 7, 24, dtype=torch.float64, requires_grad=True)
+    residual = torch.randn_like(hidden)
+    torch.testing.assert_close(memory(hidden, residual=residual), residual + memory(hidden))
+    fused = torch.autograd.grad(memory(hidden, residual=hidden).sum(), hidden)[0]
+    torch.testing.assert_close(fused, torch.autograd.grad((hidden + memory(hidden)).sum(), hidden)[0])
+    with pytest.raises(ValueError, match="residual has shape"):
+        memory(hidden, residual=residual[:, :2])
+
+
+def test_inference_reuses_the_layout_until_a_parameter_or_the_temperature_changes():
+    dense, _ = make_pair()
+    hidden = torch.randn(5, 24, dtype=torch.float64)
+
+    def check() -> None:
+        with torch.no_grad():
+            torch.testing.assert_close(dense(hidden), reference_read(dense, hidden))
+        with torch.inference_mode():
+            torch.testing.assert_close(dense(hidden), reference_read(dense, hidden))
+
+    check()
+    cached = dense._dense_cache
+    check()
+    assert dense._dense_cache is cached  # nothing changed: the layout was reused
+    with torch.no_grad():
+        dense.child_values.mul_(2.0)  # an optimizer step or load_state_dict writes in place
+    check()
+    dense.temperature = 0.5
+    check()
+    dense.child_keys.data = torch.randn(10, 4, 24, dtype=torch.float64)  # replaced, not written in place
+    check()
+    dense.float()
+    with torch.no_grad():
+        torch.testing.assert_close(dense(hidden.float()), reference_read(dense, hidden.float()))
+    out = dense(hidden.float())  # gradients flow again: built fresh and differentiable
+    assert out.requires_grad
+
+
 def test_zero_init_reads_exactly_zero():
     memory = SparseHierarchicalMemory(16, 8, 3, 4)
     assert torch.count_nonzero(memory(torch.randn(5, 16))) == 0
