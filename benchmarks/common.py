@@ -109,6 +109,7 @@ class Method:
     build: Callable[[nn.Module], Built]
     inference: bool = True
     train: bool = True
+    writes_backbone: bool = False  # trains or merges into the backbone's weights: needs a private copy of them
 
 
 def _head(model: nn.Module) -> nn.Module:
@@ -245,9 +246,9 @@ METHODS: dict[str, Method] = {
         Method("seq_bn_matched", "adapters seq_bn, spartan's budget", "adapters", _build_adapter("seq_bn_matched")),
         Method("lora", "peft LoRA r8 q,v", "peft", _build_peft("lora")),
         Method("lora_matched", "peft LoRA q,v, spartan's budget", "peft", _build_peft("lora_matched"), inference=False),
-        Method("lora_merged", "peft LoRA r8 q,v merged", "peft", _build_peft("lora_merged"), train=False),
+        Method("lora_merged", "peft LoRA r8 q,v merged", "peft", _build_peft("lora_merged"), train=False, writes_backbone=True),
         Method("ia3", "peft IA3", "peft", _build_peft("ia3")),
-        Method("full", "full fine-tuning", None, _build_full, inference=False),
+        Method("full", "full fine-tuning", None, _build_full, inference=False, writes_backbone=True),
     ]
 }
 
@@ -429,5 +430,15 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def copy_backbone(backbone: nn.Module) -> nn.Module:
-    return copy.deepcopy(backbone)
+def copy_backbone(backbone: nn.Module, share_weights: bool = False) -> nn.Module:
+    """A private copy of ``backbone`` for one method. With ``share_weights``, every parameter outside
+    the head is a new Parameter over the original's storage (its own ``requires_grad``, the same
+    memory): methods that never write the backbone's weights then read the very same bytes, so
+    where each copy's weights happen to lie in memory cannot bias their timings."""
+    head = {id(p) for p in _head(backbone).parameters()}
+    shared = {
+        id(p): nn.Parameter(p.data, requires_grad=p.requires_grad)
+        for p in backbone.parameters()
+        if share_weights and id(p) not in head
+    }
+    return copy.deepcopy(backbone, shared)

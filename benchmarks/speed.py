@@ -5,7 +5,8 @@ Per method: inference time at batch 32 x 128 tokens and at batch 1 x 128, the tr
 memory of inference and of a training step (each in a fresh subprocess), the trainable parameters
 and the bytes of one task's saved checkpoint.
 
-All methods are built once in one process and timed interleaved (round r runs every method once,
+All methods are built once in one process, over one shared copy of the frozen backbone's weights
+(full fine-tuning and merged LoRA, which write them, get their own), and timed interleaved (round r runs every method once,
 starting at a rotating offset); warm-up rounds are discarded; every time is a median over the
 rounds, and every ratio is the median over rounds of (method / bare backbone in the same round).
 
@@ -124,7 +125,9 @@ def run_model(model_name: str, methods: list[common.Method], modes: list[str], a
     built: dict[str, common.Built] = {}
     info: dict[str, dict] = {}
     for method in tqdm(methods, desc="build + save", leave=False):
-        b = common.build_method(method, common.copy_backbone(backbone))
+        # The frozen weights are shared (one copy in memory) by every method that does not write them:
+        # with private copies, two identical bare BERT-base backbones once timed 10% apart.
+        b = common.build_method(method, common.copy_backbone(backbone, share_weights=not method.writes_backbone))
         with tempfile.TemporaryDirectory(prefix=f"ckpt_{method.name}_") as folder:
             b.save(Path(folder))
             checkpoint = common.folder_bytes(Path(folder))
