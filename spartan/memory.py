@@ -137,7 +137,9 @@ class SparseHierarchicalMemory(nn.Module):
                 f"hidden_size={self.hidden_size}"
             )
         if residual is not None and residual.shape != hidden_states.shape:
-            raise ValueError(f"residual has shape {tuple(residual.shape)}; it must match hidden_states' {tuple(hidden_states.shape)}")
+            raise ValueError(
+                f"residual has shape {tuple(residual.shape)}; it must match hidden_states' {tuple(hidden_states.shape)}"
+            )
         tokens = hidden_states.reshape(-1, self.hidden_size)  # [N, H]
         base = None if residual is None else residual.reshape(-1, self.hidden_size)
         read = self._read_dense if self.implementation == "dense" else self._read_sparse
@@ -157,7 +159,8 @@ class SparseHierarchicalMemory(nn.Module):
         parent_logits, child_logits = logits.split([P, C * P], dim=-1)
         top_indices, parent_weights = self._select_parents(parent_logits)
         child_weights = _upcast(child_logits.view(-1, C, P)).softmax(dim=1)  # [N, C, P]
-        selected = child_weights.new_zeros(len(tokens), P).scatter_(1, top_indices, parent_weights.to(child_weights.dtype))
+        selected = child_weights.new_zeros(len(tokens), P)
+        selected.scatter_(1, top_indices, parent_weights.to(child_weights.dtype))  # [N, P]
         slot_weights = (selected.unsqueeze(1) * child_weights).view(-1, C * P)  # [N, C*P], zero outside the top-k
         slot_weights, values = slot_weights.to(tokens.dtype), values.to(tokens.dtype)
         out = slot_weights @ values if residual is None else torch.addmm(residual, slot_weights, values)
