@@ -184,6 +184,10 @@ def test_torch_compile_matches_eager(implementation):
     (grad,) = torch.autograd.grad(out.sum(), hidden)
     (expected_grad,) = torch.autograd.grad(memory(hidden).sum(), hidden)
     torch.testing.assert_close(grad, expected_grad)
+    with torch.no_grad():  # inference: the dense path reuses its cached layout inside the compiled graph
+        torch.testing.assert_close(compiled(hidden), memory(hidden))
+        memory.child_values.mul_(2.0)
+        torch.testing.assert_close(compiled(hidden), memory(hidden))
 
 
 def test_load_balancing_loss_matches_definition_and_ignores_padding():
