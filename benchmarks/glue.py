@@ -242,7 +242,7 @@ def summarise(runs: list[dict], first_seed: int) -> list[dict]:
                 "learning_rate": lr,
                 "seeds": sorted(r["seed"] for r in chosen),
                 "score_mean": statistics.mean(scores),
-                "score_std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+                "score_std": statistics.stdev(scores) if len(scores) > 1 else None,  # one seed: no spread
                 "metrics_mean": {m: 100 * statistics.mean(r["metrics"][m] for r in chosen) for m in chosen[0]["metrics"]},
                 "train_seconds_mean": statistics.mean(r["train_seconds"] for r in chosen),
                 "trainable_params": chosen[0]["trainable_params"],
@@ -259,7 +259,7 @@ def markdown(rows: list[dict], runs: list[dict], setting: str, first_seed: int) 
     lines = [
         f"GLUE dev, all-MiniLM-L6-v2, setting `{setting}`: {example['epochs']} epochs, batch {example['batch_size']}, "
         "best epoch by the task's dev metric, learning rate chosen on the first seed; "
-        "mean +- std over seeds (x100; MRPC = mean of accuracy and F1, as the GLUE score). "
+        "mean +- std over seeds, a single seed's score alone (x100; MRPC = mean of accuracy and F1, as the GLUE score). "
         "Train s = wall-clock seconds of training per run (2 CPU threads), evaluation excluded.",
         "",
         "| method | trainable params | " + " | ".join(f"{t.upper()} | lr | seeds | train s" for t in TASKS) + " | average |",
@@ -273,8 +273,9 @@ def markdown(rows: list[dict], runs: list[dict], setting: str, first_seed: int) 
             if entry is None:
                 cells.append(" | | | ")
                 continue
+            spread = f" +- {entry['score_std']:.1f}" if entry["score_std"] is not None else ""
             cells.append(
-                f"{entry['score_mean']:.1f} +- {entry['score_std']:.1f} | {entry['learning_rate']:g} | "
+                f"{entry['score_mean']:.1f}{spread} | {entry['learning_rate']:g} | "
                 f"{len(entry['seeds'])} | {entry['train_seconds_mean']:.0f}"
             )
         average = f"{row['average']:.1f}" if "average" in row else ""
