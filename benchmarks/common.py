@@ -138,6 +138,28 @@ def _build_bare_copy(model: nn.Module) -> Built:
     return built
 
 
+def _build_norms(model: nn.Module) -> Built:
+    """The control for spartan's ``train_layer_norms``: the same LayerNorms (inside the encoder layers)
+    and the head trained, and no memory."""
+    model.requires_grad_(False)
+    norms = {
+        f"bert.encoder.layer.{name}": module
+        for name, module in model.bert.encoder.layer.named_modules()
+        if isinstance(module, nn.LayerNorm)
+    }
+    for module in [*norms.values(), _head(model)]:
+        module.requires_grad_(True)
+
+    def save(folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        _save_head(model, folder)
+        tensors = {f"{path}.{key}": value.detach() for path, norm in norms.items() for key, value in norm.state_dict().items()}
+        save_file(tensors, str(folder / "norms.safetensors"))
+
+    return Built(model, save, _trainable(model), "the encoder layers' LayerNorms and the head trained")
+
+
 def _build_full(model: nn.Module) -> Built:
     model.requires_grad_(True)
     return Built(model, lambda folder: model.save_pretrained(folder), _trainable(model), "every weight trained")
@@ -248,6 +270,7 @@ METHODS: dict[str, Method] = {
         Method("lora_matched", "peft LoRA q,v, spartan's budget", "peft", _build_peft("lora_matched"), inference=False),
         Method("lora_merged", "peft LoRA r8 q,v merged", "peft", _build_peft("lora_merged"), train=False, writes_backbone=True),
         Method("ia3", "peft IA3", "peft", _build_peft("ia3")),
+        Method("norms", "LayerNorms + head, no memory", None, _build_norms, inference=False),
         Method("full", "full fine-tuning", None, _build_full, inference=False, writes_backbone=True),
     ]
 }

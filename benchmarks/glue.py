@@ -1,4 +1,5 @@
-"""GLUE quality of spartan against head-only training, full fine-tuning, adapters and peft LoRA.
+"""GLUE quality of spartan against head-only training, full fine-tuning, adapters and peft LoRA, and
+the control ``norms`` (the LayerNorms that spartan's defaults train, and the head, without a memory).
 
     .venv-bench/bin/python benchmarks/glue.py --data-dir ../shared/glue_data                    # full data
     .venv-bench/bin/python benchmarks/glue.py --data-dir ../shared/glue_data --few-shot 200     # 200 examples per task
@@ -46,6 +47,7 @@ TASKS = ("rte", "mrpc", "sst2")
 # method -> the learning rates swept on the first seed
 LEARNING_RATES = {
     "head": (1e-3, 3e-3, 1e-2),
+    "norms": (1e-3, 3e-3, 1e-2),
     "full": (3e-5, 1e-4, 3e-4),
     "spartan": (1e-3, 3e-3, 1e-2),
     "seq_bn": (3e-4, 1e-3, 3e-3),
