@@ -1,6 +1,7 @@
 """Smoke run of benchmarks/glue.py on the GLUE-layout fixtures: sweep, seeds, resume and the table.
 
-Runs head-only and spartan (the methods the main environment has); the peers need .venv-bench.
+Runs head-only, the LayerNorms + head control and spartan (methods the main environment has); the
+peers need .venv-bench.
 """
 
 import importlib.util
@@ -27,22 +28,24 @@ def glue_benchmark():
 
 
 def test_protocol_sweeps_then_seeds_resumes_and_reports(glue_benchmark, tmp_path):
-    argv = ["--data-dir", str(FIXTURES), "--tasks", "rte", "--methods", "head", "spartan", "--seeds", "0", "1",
+    argv = ["--data-dir", str(FIXTURES), "--tasks", "rte", "--methods", "head", "norms", "spartan", "--seeds", "0", "1",
             "--few-shot", "4", "--epochs", "1", "--batch-size", "2", "--lrs", "1e-3", "3e-3", "--out", str(tmp_path)]
     glue_benchmark.main(argv)
     runs_dir = tmp_path / "glue_runs" / "fewshot4"
     runs = {path.stem: json.loads(path.read_text()) for path in runs_dir.glob("*.json")}
     # two learning rates per method on seed 0, then seed 1 at the rate seed 0 chose
-    assert len(runs) == 2 * 2 + 2
-    for method in ("head", "spartan"):
+    assert len(runs) == 3 * 2 + 3
+    for method in ("head", "norms", "spartan"):
         sweep = {r["learning_rate"]: r["score"] for r in runs.values() if r["method"] == method and r["seed"] == 0}
         chosen = min(lr for lr, score in sweep.items() if score == max(sweep.values()))  # ties: the lower rate
         assert [r["learning_rate"] for r in runs.values() if r["method"] == method and r["seed"] == 1] == [chosen]
     record = runs["rte-spartan-lr0.001-seed0"]
     assert set(record["metrics"]) == {"accuracy"} and record["score"] == record["metrics"]["accuracy"]
     assert record["train_examples"] == 4 and record["train_seconds"] > 0
+    head, norms = runs["rte-head-lr0.001-seed0"], runs["rte-norms-lr0.001-seed0"]
+    assert norms["trainable_params"] == head["trainable_params"] + 6 * 2 * 2 * 384  # two LayerNorms per layer
     memories = 6 * (16 * 384 + 2 * 16 * 3 * 384)  # the paper's memory after each of MiniLM's 6 layers
-    assert record["trainable_params"] == runs["rte-head-lr0.001-seed0"]["trainable_params"] + memories
+    assert record["trainable_params"] == norms["trainable_params"] + memories  # the defaults train the norms too
 
     mtimes = {path: path.stat().st_mtime_ns for path in runs_dir.glob("*.json")}
     glue_benchmark.main(argv)  # everything is done: nothing runs again

@@ -36,7 +36,9 @@ def test_save_writes_only_task_weights(tmp_path):
     spartan.save_memory(model, tmp_path / "task")
     assert sorted(p.name for p in (tmp_path / "task").iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
     description, tensors = spartan.read_checkpoint(tmp_path / "task")
-    assert all(key.startswith(("memories.", "head.classifier.")) for key in tensors)
+    norms = tuple(f"head.bert.encoder.layer.{i}.{n}.LayerNorm." for i in range(2) for n in ("attention.output", "output"))
+    assert all(key.startswith(("memories.", "head.classifier.", *norms)) for key in tensors)
+    assert any(key.startswith(norms) for key in tensors)  # the trained LayerNorms travel with the task
     assert sum(t.numel() for t in tensors.values()) == spartan.trainable_parameters(model)["trainable_params"]
     assert description["backbone"]["hidden_size"] == 32 and description["config"]["num_parents"] == 16
 

@@ -37,8 +37,9 @@ def test_spartan_on_rte_writes_metrics_and_a_loadable_memory(example, tmp_path):
     assert metrics["model"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert set(metrics["eval"]) == {"accuracy"} and 0 <= metrics["eval"]["accuracy"] <= 1
     assert metrics["train_samples"] == 2 * 4  # 4 training rows, 2 epochs
-    # the paper's memory after each of the 6 layers (16 parent keys + 48 child keys and values) and the head
-    assert metrics["trainable_params"] == 6 * (16 + 2 * 48) * 384 + 2 * 384 + 2
+    # the paper's memory after each of the 6 layers (16 parent keys + 48 child keys and values), the
+    # layers' two LayerNorms (weight and bias) and the head
+    assert metrics["trainable_params"] == 6 * (16 + 2 * 48) * 384 + 6 * 2 * 2 * 384 + 2 * 384 + 2
     assert metrics["total_params"] > 22_000_000 and metrics["train_runtime_s"] > 0
     submission = (tmp_path / "run" / "RTE.tsv").read_text().splitlines()
     assert submission[0] == "index\tprediction" and len(submission) == 1 + 3
@@ -52,8 +53,9 @@ def test_spartan_on_rte_writes_metrics_and_a_loadable_memory(example, tmp_path):
 
 
 def test_mnli_reports_matched_and_mismatched(example, tmp_path):
-    metrics = run(example, tmp_path, "--task", "mnli", "--num-parents", "4", "--top-k", "2")
+    metrics = run(example, tmp_path, "--task", "mnli", "--num-parents", "4", "--top-k", "2", "--no-train-layer-norms")
     assert set(metrics["eval"]) == {"accuracy"} and set(metrics["eval_mismatched"]) == {"accuracy"}
+    assert metrics["trainable_params"] == 6 * (4 + 2 * 4 * 3) * 384 + 3 * 384 + 3  # memories and head only
 
 
 def test_stsb_is_regression(example, tmp_path):

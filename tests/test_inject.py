@@ -83,9 +83,10 @@ def test_auxiliary_loss_is_added_in_training_only_and_ignores_padding():
 def test_decoder_language_model_gets_memories_and_no_head():
     model = tiny_llama_lm()
     spartan.wrap_model(model)
-    assert spartan.inject._state(model).head_paths == []
+    norms = [f"model.layers.{i}.{name}" for i in range(2) for name in ("input_layernorm", "post_attention_layernorm")]
+    assert spartan.inject._state(model).head_paths == norms  # the trained norms, and no head
     stats = spartan.trainable_parameters(model)
-    assert stats["trainable_params"] == 2 * (16 * 32 + 2 * 16 * 3 * 32)
+    assert stats["trainable_params"] == 2 * (16 * 32 + 2 * 16 * 3 * 32) + 4 * 32  # RMSNorms: a weight each
     ids = batch()["input_ids"]
     model.train()
     loss = model(input_ids=ids, labels=ids).loss
@@ -124,14 +125,14 @@ def test_parameter_report(capsys):
     total = sum(p.numel() for p in model.parameters())
     spartan.wrap_model(model)  # 16 parents x 3 children at hidden 32, two layers
     memory_params = 2 * (16 * 32 + 2 * 16 * 3 * 32)
-    head_params = 32 * 2 + 2
+    task_params = memory_params + 32 * 2 + 2 + 2 * 2 * (32 + 32)  # + head + two LayerNorms per layer
     stats = spartan.trainable_parameters(model)
-    assert stats["trainable_params"] == memory_params + head_params
+    assert stats["trainable_params"] == task_params
     assert stats["total_params"] == total + memory_params
-    assert stats["checkpoint_bytes"] == 4 * (memory_params + head_params)
+    assert stats["checkpoint_bytes"] == 4 * task_params
     spartan.print_trainable_parameters(model)
     printed = capsys.readouterr().out
-    assert f"{memory_params + head_params:,}" in printed and "KB" in printed
+    assert f"{task_params:,}" in printed and "KB" in printed
 
 
 def test_config_json_round_trip(tmp_path):
