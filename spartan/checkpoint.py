@@ -1,4 +1,4 @@
-"""Memory-only checkpoints: one task's memories and head in safetensors, its config in JSON.
+"""Memory-only checkpoints: one task's memories, head and trained norms in safetensors, its config in JSON.
 
 Writes are atomic (temporary file, fsync, rename), loading never unpickles.
 """
@@ -40,7 +40,8 @@ FORMAT_VERSION = 1
 
 
 def save_memory(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> Path:
-    """Save task ``name``'s memories and head (the active task by default) to the folder ``path``.
+    """Save task ``name``'s memories and head, and its LayerNorms with ``train_layer_norms`` (the
+    active task by default), to the folder ``path``.
 
     Writes ``spartan_memory.safetensors`` (weights) and ``spartan_config.json`` (the
     SpartanConfig and the backbone's shape). The backbone is not saved.
