@@ -154,7 +154,9 @@ def _build_norms(model: nn.Module) -> Built:
         from safetensors.torch import save_file
 
         _save_head(model, folder)
-        tensors = {f"{path}.{key}": value.detach() for path, norm in norms.items() for key, value in norm.state_dict().items()}
+        tensors = {
+            f"{path}.{key}": value.detach() for path, norm in norms.items() for key, value in norm.state_dict().items()
+        }
         save_file(tensors, str(folder / "norms.safetensors"))
 
     return Built(model, save, _trainable(model), "the encoder layers' LayerNorms and the head trained")

@@ -45,8 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--children-per-parent", type=int, default=defaults.children_per_parent)
     parser.add_argument("--top-k", type=int, default=defaults.top_k)
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
-    parser.add_argument("--train-layer-norms", action=argparse.BooleanOptionalAction, default=defaults.train_layer_norms,
-                        help="also train the wrapped layers' LayerNorms (default: %(default)s)")
+    parser.add_argument("--train-layer-norms", action=argparse.BooleanOptionalAction,
+                        default=defaults.train_layer_norms, help="also train the wrapped layers' LayerNorms")
     parser.add_argument("--predict", action="store_true", help="also write GLUE test-set submission files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
