@@ -14,9 +14,9 @@ import random
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -270,7 +270,14 @@ METHODS: dict[str, Method] = {
         Method("seq_bn_matched", "adapters seq_bn, spartan's budget", "adapters", _build_adapter("seq_bn_matched")),
         Method("lora", "peft LoRA r8 q,v", "peft", _build_peft("lora")),
         Method("lora_matched", "peft LoRA q,v, spartan's budget", "peft", _build_peft("lora_matched"), inference=False),
-        Method("lora_merged", "peft LoRA r8 q,v merged", "peft", _build_peft("lora_merged"), train=False, writes_backbone=True),
+        Method(
+            "lora_merged",
+            "peft LoRA r8 q,v merged",
+            "peft",
+            _build_peft("lora_merged"),
+            train=False,
+            writes_backbone=True,
+        ),
         Method("ia3", "peft IA3", "peft", _build_peft("ia3")),
         Method("norms", "LayerNorms + head, no memory", None, _build_norms, inference=False),
         Method("full", "full fine-tuning", None, _build_full, inference=False, writes_backbone=True),

@@ -1,9 +1,10 @@
-"""GLUE quality of spartan against head-only training, full fine-tuning, adapters and peft LoRA, and
+r"""GLUE quality of spartan against head-only training, full fine-tuning, adapters and peft LoRA, and
 the control ``norms`` (the LayerNorms that spartan's defaults train, and the head, without a memory).
 
     .venv-bench/bin/python benchmarks/glue.py --data-dir ../shared/glue_data                    # full data
     .venv-bench/bin/python benchmarks/glue.py --data-dir ../shared/glue_data --few-shot 200     # 200 examples per task
-    .venv-bench/bin/python benchmarks/glue.py --data-dir ../shared/glue_data --tasks rte --methods spartan --lrs 3e-3 --seeds 0
+    .venv-bench/bin/python benchmarks/glue.py --data-dir ../shared/glue_data --tasks rte --methods spartan \
+        --lrs 3e-3 --seeds 0
     .venv-bench/bin/python benchmarks/glue.py ... --methods spartan --spartan '{"temperature": 1.0}'   # a variant
 
 Protocol (the same for every method): all-MiniLM-L6-v2, max length 128, the same epochs, batch size,
@@ -69,7 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--few-shot", type=int, help="train on this many examples per task (the paper: 200)")
     parser.add_argument("--sst2-train-samples", type=int, default=5000, help="SST-2 train subset (full-data setting)")
     parser.add_argument("--epochs", type=int, help="default: 3, or 5 with --few-shot")
-    parser.add_argument("--batch-size", type=int, help="default: 32, or 8 with --few-shot (125 updates on 200 examples)")
+    parser.add_argument(
+        "--batch-size", type=int, help="default: 32, or 8 with --few-shot (125 updates on 200 examples)"
+    )
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report-only", action="store_true", help="rebuild the tables from the saved runs")
@@ -197,7 +200,8 @@ def load_runs(runs_dir: Path) -> list[dict]:
 
 def best_learning_rate(runs: list[dict], task: str, method: str, first_seed: int) -> float | None:
     sweep = [r for r in runs if (r["task"], r["method"], r["seed"]) == (task, method, first_seed)]
-    return max(sweep, key=lambda r: (r["score"], -r["learning_rate"]))["learning_rate"] if sweep else None  # ties: the lower
+    # ties: the lower learning rate
+    return max(sweep, key=lambda r: (r["score"], -r["learning_rate"]))["learning_rate"] if sweep else None
 
 
 def execute(args: argparse.Namespace) -> None:
@@ -245,7 +249,9 @@ def summarise(runs: list[dict], first_seed: int) -> list[dict]:
                 "seeds": sorted(r["seed"] for r in chosen),
                 "score_mean": statistics.mean(scores),
                 "score_std": statistics.stdev(scores) if len(scores) > 1 else None,  # one seed: no spread
-                "metrics_mean": {m: 100 * statistics.mean(r["metrics"][m] for r in chosen) for m in chosen[0]["metrics"]},
+                "metrics_mean": {
+                    m: 100 * statistics.mean(r["metrics"][m] for r in chosen) for m in chosen[0]["metrics"]
+                },
                 "train_seconds_mean": statistics.mean(r["train_seconds"] for r in chosen),
                 "trainable_params": chosen[0]["trainable_params"],
             }
@@ -260,11 +266,13 @@ def markdown(rows: list[dict], runs: list[dict], setting: str, first_seed: int) 
     example = runs[0]
     lines = [
         f"GLUE dev, all-MiniLM-L6-v2, setting `{setting}`: {example['epochs']} epochs, batch {example['batch_size']}, "
-        "best epoch by the task's dev metric, learning rate chosen on the first seed; "
-        "mean +- std over seeds, a single seed's score alone (x100; MRPC = mean of accuracy and F1, as the GLUE score). "
+        "best epoch by the task's dev metric, learning rate chosen on the first seed; mean +- std over seeds, "
+        "a single seed's score alone (x100; MRPC = mean of accuracy and F1, as the GLUE score). "
         "Train s = wall-clock seconds of training per run (2 CPU threads), evaluation excluded.",
         "",
-        "| method | trainable params | " + " | ".join(f"{t.upper()} | lr | seeds | train s" for t in TASKS) + " | average |",
+        "| method | trainable params | "
+        + " | ".join(f"{t.upper()} | lr | seeds | train s" for t in TASKS)
+        + " | average |",
         "|---|---|" + "---|---|---|---|" * len(TASKS) + "---|",
     ]
     for row in rows:
@@ -282,13 +290,18 @@ def markdown(rows: list[dict], runs: list[dict], setting: str, first_seed: int) 
             )
         average = f"{row['average']:.1f}" if "average" in row else ""
         lines.append(f"| {row['method']} | {params:,} | " + " | ".join(cells) + f" | {average} |")
-    lines += ["", f"{len(runs)} runs in results/glue_runs/{setting}/ (every learning rate and seed, with all metrics).", ""]
+    lines += [
+        "",
+        f"{len(runs)} runs in results/glue_runs/{setting}/ (every learning rate and seed, with all metrics).",
+        "",
+    ]
     lines += sweep_table(rows, runs, first_seed)
     return "\n".join(lines) + "\n"
 
 
 def sweep_table(rows: list[dict], runs: list[dict], first_seed: int) -> list[str]:
-    """Markdown lines: every method's score at each learning rate of the sweep on the first seed, the chosen one in bold."""
+    """Markdown lines: every method's score at each learning rate of the sweep on the first seed, the chosen one
+    in bold."""
     lines = [
         "Learning-rate sweep on the first seed (score x100 at each rate; bold: chosen):",
         "",
@@ -308,7 +321,8 @@ def sweep_table(rows: list[dict], runs: list[dict], first_seed: int) -> list[str
                 if (r["task"], r["method"], r["seed"]) == (task, row["method"], first_seed)
             )
             cells.append(", ".join(
-                f"**{lr:g}: {score:.1f}**" if lr == entry["learning_rate"] else f"{lr:g}: {score:.1f}" for lr, score in sweep
+                f"**{lr:g}: {score:.1f}**" if lr == entry["learning_rate"] else f"{lr:g}: {score:.1f}"
+                for lr, score in sweep
             ))
         lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
     return lines

@@ -96,7 +96,9 @@ def measure(slots: int, args: argparse.Namespace, bert_layer: torch.nn.Module, h
     for mode, make in (("forward", forward_only), ("forward_backward", forward_backward)):
         bert_layer.train(mode == "forward_backward")  # no dropout at inference
         calls = {"bert_layer": make(bert_layer, trainable_hidden if mode != "forward" else hidden)}
-        calls |= {name: make(memory, trainable_hidden if mode != "forward" else hidden) for name, memory in memories.items()}
+        calls |= {
+            name: make(memory, trainable_hidden if mode != "forward" else hidden) for name, memory in memories.items()
+        }
         if mode == "forward" and "dense" in memories:
             calls["dense_matmuls"] = matmul_floor(memories["dense"], hidden)
         timings = common.interleaved_timings(calls, "bert_layer", repeats)
@@ -115,12 +117,16 @@ def measure(slots: int, args: argparse.Namespace, bert_layer: torch.nn.Module, h
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
         f"Memory layer alone on {args.batch} x {args.length} tokens at H=768, top-k {args.top_k}, "
-        f"{args.threads} threads; time as % of one BERT-base layer on the same input (median over interleaved rounds of the "
-        f"ratio in each round, {args.repeats} rounds); peak = resident memory the call adds. The BERT layer runs in eval "
-        f"mode for the forward rows and in train mode (dropout) for fwd+bwd. The sparse path's fwd+bwd peak includes the "
-        f"dense gradients of its parameters ([P, C, H] each for keys and values), which grow with P x C.",
+        f"{args.threads} threads; time as % of one BERT-base layer on the same input (median over interleaved rounds "
+        f"of the ratio in each round, {args.repeats} rounds); peak = resident memory the call adds. The BERT layer "
+        f"runs in eval mode for the forward rows and in train mode (dropout) for fwd+bwd. The sparse path's fwd+bwd "
+        f"peak includes the dense gradients of its parameters ([P, C, H] each for keys and values), which grow with "
+        f"P x C.",
         "",
-        "| slots (P x C) | path | forward ms | % of BERT layer | fwd+bwd ms | % of BERT layer | fwd peak MiB | fwd+bwd peak MiB |",
+        (
+            "| slots (P x C) | path | forward ms | % of BERT layer | fwd+bwd ms | % of BERT layer | fwd peak MiB "
+            "| fwd+bwd peak MiB |"
+        ),
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -136,13 +142,23 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
                 f"| {entry['forward_peak_mib']:.1f} | {entry['forward_backward_peak_mib']:.1f} |"
             )
     floors = [
-        f"{row['slots']:,} slots {row['dense_matmuls']['forward_ms']:.2f} ms = {100 * row['dense_matmuls']['forward_vs_bert_layer']:.2f}%"
+        f"{row['slots']:,} slots {row['dense_matmuls']['forward_ms']:.2f} ms = "
+        f"{100 * row['dense_matmuls']['forward_vs_bert_layer']:.2f}%"
         for row in rows
         if "dense_matmuls" in row
     ]
-    lines += ["", "The dense path's two matrix products alone (forward, the floor of a dense read): " + "; ".join(floors) + "."]
+    lines += [
+        "",
+        "The dense path's two matrix products alone (forward, the floor of a dense read): " + "; ".join(floors) + ".",
+    ]
     bert = rows[0]["bert_layer"]
-    lines += ["", f"One BERT-base layer: forward {bert['forward_ms']:.1f} ms, fwd+bwd {bert['forward_backward_ms']:.1f} ms (first row's run)."]
+    lines += [
+        "",
+        (
+            f"One BERT-base layer: forward {bert['forward_ms']:.1f} ms, fwd+bwd {bert['forward_backward_ms']:.1f} ms "
+            "(first row's run)."
+        ),
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -6,9 +6,10 @@ memory of inference and of a training step (each in a fresh subprocess), the tra
 and the bytes of one task's saved checkpoint.
 
 All methods are built once in one process, over one shared copy of the frozen backbone's weights
-(full fine-tuning and merged LoRA, which write them, get their own), and timed interleaved (round r runs every method once,
-starting at a rotating offset); warm-up rounds are discarded; every time is a median over the
-rounds, and every ratio is the median over rounds of (method / bare backbone in the same round).
+(full fine-tuning and merged LoRA, which write them, get their own), and timed interleaved (round r
+runs every method once, starting at a rotating offset); warm-up rounds are discarded; every time is
+a median over the rounds, and every ratio is the median over rounds of (method / bare backbone in
+the same round).
 
     python benchmarks/speed.py --model all            # writes benchmarks/results/speed_<model>.{md,json,png}
     python benchmarks/speed.py --quick --model bert-base --out /tmp/speed   # smoke test, tiny sizes
@@ -136,7 +137,9 @@ def run_model(model_name: str, methods: list[common.Method], modes: list[str], a
             "label": method.label,
             "library": method.requires or ("spartan" if method.name.startswith("spartan") else "transformers"),
             "trainable_params": b.trainable_params,
-            "added_params_per_layer": (b.trainable_params - head_params) / num_layers if method.name != "full" else None,
+            "added_params_per_layer": (
+                (b.trainable_params - head_params) / num_layers if method.name != "full" else None
+            ),
             "checkpoint": checkpoint,
             "notes": b.notes,
             **b.extra,
@@ -148,7 +151,9 @@ def run_model(model_name: str, methods: list[common.Method], modes: list[str], a
     for mode in modes:
         runnable = [m for m in methods if (m.train if mode == "train" else m.inference)]
         steps = {m.name: common.make_step(m, built[m.name], mode, sizes) for m in runnable}
-        bar = tqdm(total=(args.warmup + args.repeats) * len(runnable), desc=f"{model_name} {MODE_TITLES[mode]}", leave=False)
+        bar = tqdm(
+            total=(args.warmup + args.repeats) * len(runnable), desc=f"{model_name} {MODE_TITLES[mode]}", leave=False
+        )
         measured = common.interleaved_timings(steps, "bare", args.repeats, args.warmup, on_call=bar.update)
         bar.close()
         for name, timing in measured.items():
@@ -211,7 +216,9 @@ def spartan_fingerprint() -> dict:
     for file in (package / "memory.py", package / "inject.py"):
         digest.update(file.name.encode() + b"\0" + file.read_bytes())
     commit = subprocess.run(["git", "-C", str(package), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(package), "status", "--porcelain", "--", "."], capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "-C", str(package), "status", "--porcelain", "--", "."], capture_output=True, text=True
+    )
     return {"commit": commit.stdout.strip() or None, "uncommitted_changes": bool(dirty.stdout.strip()),
             "memory_inject_sha256": digest.hexdigest()[:16]}
 
@@ -238,7 +245,8 @@ def worker(args) -> int:
     gc.collect()
     rss_built = common.current_rss_bytes()
     reset = common.reset_peak_rss()
-    for _ in range(2 if args.mode == "train" else 1):  # the second training step runs with the optimizer state allocated
+    # the second training step runs with the optimizer state allocated
+    for _ in range(2 if args.mode == "train" else 1):
         step()
     peak, source = common.peak_rss_bytes()
     if not reset:
@@ -300,11 +308,11 @@ def markdown(results: dict) -> str:
         "",
         "## Time",
         "",
-        f"| method | inference b{sizes['infer_batch']} (ms) | overhead | seq/s | latency b{sizes['latency_batch']} (ms) "
-        f"| overhead | train step b{sizes['train_batch']} (ms) | vs bare |",
+        f"| method | inference b{sizes['infer_batch']} (ms) | overhead | seq/s "
+        f"| latency b{sizes['latency_batch']} (ms) | overhead | train step b{sizes['train_batch']} (ms) | vs bare |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, m in methods.items():
+    for m in methods.values():
         t = m["time"]
         cells = [m["label"]]
         for mode, batch in (("infer_b32", sizes["infer_batch"]), ("infer_b1", None), ("train", None)):
@@ -327,7 +335,7 @@ def markdown(results: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     bare_mem = methods["bare"]["memory"]
-    for name, m in methods.items():
+    for m in methods.values():
         ckpt = m["checkpoint"]
         per_layer = m["added_params_per_layer"]
         cells = [m["label"], f"{m['trainable_params']:,}", "–" if per_layer is None else f"{per_layer:,.0f}",

@@ -32,7 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", required=True, help=f"GLUE task: {', '.join(glue.GLUE_TASKS)}")
     parser.add_argument("--data-dir", type=Path, help="folder in the official GLUE layout (default: the Hub)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="name or path (default: %(default)s, offline copy if installed)")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help="name or path (default: %(default)s, offline copy if installed)"
+    )
     parser.add_argument("--method", choices=METHODS, default="spartan")
     parser.add_argument("--output-dir", type=Path, help="default: runs/<task>-<method>")
     parser.add_argument("--max-train-samples", type=int, help="train on a seeded random subset of this size")
@@ -80,9 +82,13 @@ def load_data(args: argparse.Namespace):
     try:
         data = glue.load_glue(args.task, data_dir=args.data_dir)
     except ConnectionError as error:
-        sys.exit(f"{error}\nWithout a network, pass --data-dir: a folder with {args.task.folder}/train.tsv and dev files.")
+        sys.exit(
+            f"{error}\nWithout a network, pass --data-dir: a folder with {args.task.folder}/train.tsv and dev files."
+        )
     except FileNotFoundError as error:
-        sys.exit(f"{error}\n--data-dir must be a folder in the official GLUE layout, e.g. glue_data/{args.task.folder}/.")
+        sys.exit(
+            f"{error}\n--data-dir must be a folder in the official GLUE layout, e.g. glue_data/{args.task.folder}/."
+        )
     train_data = data["train"]
     if args.max_train_samples is not None and args.max_train_samples < len(train_data):
         train_data = train_data.shuffle(seed=args.seed).select(range(args.max_train_samples))
@@ -155,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
     if args.predict:
         metrics["predictions"] = [
-            str(path) for path in glue.predict(model, tokenizer, task, args.output_dir, dataset=data, max_length=args.max_length)
+            str(path)
+            for path in glue.predict(model, tokenizer, task, args.output_dir, dataset=data, max_length=args.max_length)
         ]
     (args.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))

@@ -226,7 +226,10 @@ class RoutingStats:
             header,
             "load: % of the layer's routing weight; selected: % of tokens with the parent in their top-k.",
             "top: the tokens giving the parent the most weight (times selected).",
-            f"specific: the tokens seen {self.min_occurrences}+ times that send the parent most of their weight (share).",
+            (
+                f"specific: the tokens seen {self.min_occurrences}+ times that send the parent most of their weight "
+                "(share)."
+            ),
         ]
         for layer, path in enumerate(self.layer_paths):
             entropy, normalized = self.entropy[layer], self.normalized_entropy[layer]

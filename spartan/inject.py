@@ -309,7 +309,9 @@ def _find_head(model: nn.Module, paths: list[str] | None) -> list[str]:
             try:
                 model.get_submodule(path)
             except AttributeError:
-                raise ValueError(f"modules_to_save names {path!r}, which {type(model).__name__} does not have") from None
+                raise ValueError(
+                    f"modules_to_save names {path!r}, which {type(model).__name__} does not have"
+                ) from None
         return list(paths)
     base = getattr(model, "base_model", model)
     if base is model:  # a bare backbone (BertModel, ...) has no task head
@@ -327,7 +329,11 @@ def _find_norms(model: nn.Module, layer_paths: list[str]) -> list[str]:
         f"{layer}.{name}"
         for layer in layer_paths
         for name, module in model.get_submodule(layer).named_modules()
-        if name and (isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(("LayerNorm", "RMSNorm")))
+        if name
+        and (
+            isinstance(module, (nn.LayerNorm, nn.RMSNorm))
+            or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+        )
     ]
 
 

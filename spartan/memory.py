@@ -224,7 +224,8 @@ class SparseHierarchicalMemory(nn.Module):
         grouped_tokens = tokens[pair_tokens].split(group_sizes)  # per parent: [n_p, H]
         grouped_weights = parent_weights.flatten()[order].unsqueeze(-1).split(group_sizes)  # per parent: [n_p, 1]
         weighted = torch.cat([
-            (_upcast(rows @ keys[parent].T / self.temperature).softmax(dim=-1) * weights).to(rows.dtype) @ values[parent]
+            (_upcast(rows @ keys[parent].T / self.temperature).softmax(dim=-1) * weights).to(rows.dtype)
+            @ values[parent]
             for parent, (rows, weights) in enumerate(zip(grouped_tokens, grouped_weights))
             if len(rows)
         ])  # [n*k, H]: each (token, parent) pair's weighted read-out

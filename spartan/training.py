@@ -140,7 +140,8 @@ class TrainingConfig(JsonConfig):
         )
         _require(
             self.metric_for_best is None or (isinstance(self.metric_for_best, str) and bool(self.metric_for_best)),
-            f"metric_for_best must be None (lowest eval loss) or a key of compute_metrics' output, got {self.metric_for_best!r}",
+            "metric_for_best must be None (lowest eval loss) or a key of compute_metrics' output, "
+            f"got {self.metric_for_best!r}",
         )
 
 

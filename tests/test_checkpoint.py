@@ -36,7 +36,9 @@ def test_save_writes_only_task_weights(tmp_path):
     spartan.save_memory(model, tmp_path / "task")
     assert sorted(p.name for p in (tmp_path / "task").iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
     description, tensors = spartan.read_checkpoint(tmp_path / "task")
-    norms = tuple(f"head.bert.encoder.layer.{i}.{n}.LayerNorm." for i in range(2) for n in ("attention.output", "output"))
+    norms = tuple(
+        f"head.bert.encoder.layer.{i}.{n}.LayerNorm." for i in range(2) for n in ("attention.output", "output")
+    )
     assert all(key.startswith(("memories.", "head.classifier.", *norms)) for key in tensors)
     assert any(key.startswith(norms) for key in tensors)  # the trained LayerNorms travel with the task
     assert sum(t.numel() for t in tensors.values()) == spartan.trainable_parameters(model)["trainable_params"]
@@ -102,7 +104,14 @@ def test_mismatched_backbone_is_refused(tmp_path):
         spartan.load_memory(other, folder)
     assert not spartan.is_wrapped(other)
     three_labels = BertForSequenceClassification(
-        BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, vocab_size=99, num_labels=3)
+        BertConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=48,
+            vocab_size=99,
+            num_labels=3,
+        )
     )
     with pytest.raises(ValueError, match="num_labels"):
         spartan.load_memory(three_labels, folder)

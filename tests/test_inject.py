@@ -146,7 +146,9 @@ def test_config_json_round_trip(tmp_path):
 
 @pytest.mark.parametrize("architecture, norms_per_layer", [("bert", 2), ("distilbert", 2), ("gpt2", 2), ("llama", 2)])
 def test_train_layer_norms_trains_each_wrapped_layers_norms(architecture, norms_per_layer):
-    model = spartan.wrap_model(tiny(architecture), num_parents=4, children_per_parent=2, top_k=2, train_layer_norms=True)
+    model = spartan.wrap_model(
+        tiny(architecture), num_parents=4, children_per_parent=2, top_k=2, train_layer_norms=True
+    )
     layers = spartan.get_layer_paths(model)
     norms = [path for path in spartan.inject._state(model).head_paths if path.startswith(tuple(layers))]
     assert len(norms) == norms_per_layer * len(layers)

@@ -34,7 +34,9 @@ ARCHITECTURES = {
     "electra": lambda: ElectraForSequenceClassification(ElectraConfig(**ENCODER, embedding_size=16)),
     "xlm-roberta": lambda: XLMRobertaForSequenceClassification(XLMRobertaConfig(**ENCODER, pad_token_id=1)),
     "deberta-v2": lambda: DebertaV2ForSequenceClassification(DebertaV2Config(**ENCODER)),
-    "gpt2": lambda: GPT2ForSequenceClassification(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, **DECODER)),
+    "gpt2": lambda: GPT2ForSequenceClassification(
+        GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, **DECODER)
+    ),
     "llama": lambda: LlamaForSequenceClassification(LlamaConfig(**ENCODER, num_key_value_heads=1, **DECODER)),
 }
 
