@@ -16,8 +16,9 @@ examples with the run's seed, so every method sees the same examples for a given
 ``spartan`` is ``spartan.SpartanConfig()``, the library's defaults; --spartan JSON overrides them
 and names the runs ``spartan{...}``, so variants sit beside the defaults in one table.
 
-Each run's result is one JSON file in results/glue_runs/<setting>/: an interrupted protocol resumes
-where it stopped, and the tables (results/glue_<setting>.{md,json}) are rebuilt from every run present.
+Each run's result is one JSON file in results/glue_runs/<setting>/ (``full``, ``fewshot200``; a
+non-default schedule is a setting of its own, e.g. ``full-5ep``): an interrupted protocol resumes where
+it stopped, and the tables (results/glue_<setting>.{md,json}) are rebuilt from every run present.
 Wall-clock training time excludes evaluation and checkpoint saving.
 """
 
@@ -78,9 +79,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report-only", action="store_true", help="rebuild the tables from the saved runs")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    args.epochs = args.epochs or (5 if args.few_shot else 3)
-    args.batch_size = args.batch_size or (8 if args.few_shot else 32)
+    default_epochs, default_batch_size = (5, 8) if args.few_shot else (3, 32)
+    args.epochs = args.epochs or default_epochs
+    args.batch_size = args.batch_size or default_batch_size
     args.setting = f"fewshot{args.few_shot}" if args.few_shot else "full"
+    if args.epochs != default_epochs:
+        args.setting += f"-{args.epochs}ep"
+    if args.batch_size != default_batch_size:
+        args.setting += f"-bs{args.batch_size}"
     args.runs_dir = args.out / "glue_runs" / args.setting
     args.methods = [spartan_variant(args.spartan) if m == "spartan" else m for m in args.methods]
     return args

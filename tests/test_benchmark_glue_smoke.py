@@ -31,7 +31,7 @@ def test_protocol_sweeps_then_seeds_resumes_and_reports(glue_benchmark, tmp_path
     argv = ["--data-dir", str(FIXTURES), "--tasks", "rte", "--methods", "head", "norms", "spartan", "--seeds", "0", "1",
             "--few-shot", "4", "--epochs", "1", "--batch-size", "2", "--lrs", "1e-3", "3e-3", "--out", str(tmp_path)]
     glue_benchmark.main(argv)
-    runs_dir = tmp_path / "glue_runs" / "fewshot4"
+    runs_dir = tmp_path / "glue_runs" / "fewshot4-1ep-bs2"  # a non-default schedule is a setting of its own
     runs = {path.stem: json.loads(path.read_text()) for path in runs_dir.glob("*.json")}
     # two learning rates per method on seed 0, then seed 1 at the rate seed 0 chose
     assert len(runs) == 3 * 2 + 3
@@ -51,8 +51,8 @@ def test_protocol_sweeps_then_seeds_resumes_and_reports(glue_benchmark, tmp_path
     glue_benchmark.main(argv)  # everything is done: nothing runs again
     assert {path: path.stat().st_mtime_ns for path in runs_dir.glob("*.json")} == mtimes
 
-    table = (tmp_path / "glue_fewshot4.md").read_text()
+    table = (tmp_path / "glue_fewshot4-1ep-bs2.md").read_text()
     assert "| spartan |" in table and "| head |" in table
-    summary = json.loads((tmp_path / "glue_fewshot4.json").read_text())
+    summary = json.loads((tmp_path / "glue_fewshot4-1ep-bs2.json").read_text())
     spartan_rte = next(row for row in summary if row["method"] == "spartan")["tasks"]["rte"]
     assert spartan_rte["seeds"] == [0, 1] and 0 <= spartan_rte["score_mean"] <= 100
