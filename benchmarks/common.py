@@ -142,11 +142,7 @@ def _build_norms(model: nn.Module) -> Built:
     """The control for spartan's ``train_layer_norms``: the same LayerNorms (inside the encoder layers)
     and the head trained, and no memory."""
     model.requires_grad_(False)
-    norms = {
-        f"bert.encoder.layer.{name}": module
-        for name, module in model.bert.encoder.layer.named_modules()
-        if isinstance(module, nn.LayerNorm)
-    }
+    norms = {path: model.get_submodule(path) for path in spartan.find_layer_norms(model)}
     for module in [*norms.values(), _head(model)]:
         module.requires_grad_(True)
 

@@ -174,6 +174,12 @@ def find_head(model: nn.Module) -> list[str]:
     return _find_head(model, None)
 
 
+def find_layer_norms(model: nn.Module, layers: list[str] | None = None) -> list[str]:
+    """Module paths of the normalisation layers inside the model's Transformer layers: the ones that
+    ``SpartanConfig(train_layer_norms=True)`` trains. ``layers`` as in ``SpartanConfig.layers``."""
+    return _find_norms(model, _find_layers(model, layers))
+
+
 def get_attention_mask(model: nn.Module) -> Tensor | None:
     """The attention mask of the wrapped model's latest forward call (None when it had none)."""
     return _state(model).attention_mask

@@ -152,6 +152,7 @@ def test_train_layer_norms_trains_each_wrapped_layers_norms(architecture, norms_
     layers = spartan.get_layer_paths(model)
     norms = [path for path in spartan.inject._state(model).head_paths if path.startswith(tuple(layers))]
     assert len(norms) == norms_per_layer * len(layers)
+    assert spartan.find_layer_norms(tiny(architecture)) == norms  # the same paths, without wrapping
     for path in norms:
         assert all(p.requires_grad for p in model.get_submodule(path).parameters()), path
     assert any(key.startswith(f"head.{norms[0]}.") for key in spartan.task_state_dict(model))
