@@ -66,6 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--methods", nargs="+", default=list(LEARNING_RATES), choices=list(LEARNING_RATES))
     parser.add_argument("--spartan", type=json.loads, default={}, help="SpartanConfig overrides for spartan, as JSON")
+    parser.add_argument(
+        "--param-lrs",
+        type=json.loads,
+        default={},
+        help='TrainingConfig.parameter_learning_rates, as JSON: {"*LayerNorm*": 1e-4}; names the runs <method>@{...}',
+    )
     parser.add_argument("--lrs", nargs="+", type=float, help="learning rates to sweep (default: per method)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="the first one runs the sweep")
     parser.add_argument("--few-shot", type=int, help="train on this many examples per task (the paper: 200)")
@@ -89,16 +95,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.setting += f"-bs{args.batch_size}"
     args.runs_dir = args.out / "glue_runs" / args.setting
     args.methods = [spartan_variant(args.spartan) if m == "spartan" else m for m in args.methods]
+    if args.param_lrs:
+        args.methods = [f"{m}@{json.dumps(args.param_lrs, separators=(',', ':'))}" for m in args.methods]
     return args
 
 
 def run_name(task: str, method: str, lr: float, seed: int) -> str:
-    """The run's file name; a spartan variant's overrides become key=value parts: spartan_temperature=1.0."""
+    """The run's file name; a spartan variant's overrides become key=value parts (spartan_temperature=1.0),
+    parameter learning rates plr_ parts (spartan_plr_LayerNorm=0.0001)."""
+    method, param_lrs = split_method(method)
+    parts = [method]
     if method.startswith("spartan{"):
         overrides = spartan_overrides(method)
-        parts = (f"{key}={'+'.join(value) if isinstance(value, list) else value}" for key, value in overrides.items())
-        method = "_".join(["spartan", *(re.sub(r"[^\w.=+-]+", "", part) for part in parts)])
-    return f"{task}-{method}-lr{lr:g}-seed{seed}"
+        parts = ["spartan", *(f"{key}={'+'.join(v) if isinstance(v, list) else v}" for key, v in overrides.items())]
+    parts += [f"plr_{pattern}={rate:g}" for pattern, rate in param_lrs.items()]
+    name = "_".join(re.sub(r"[^\w.=+-]+", "", part) for part in parts)
+    return f"{task}-{name}-lr{lr:g}-seed{seed}"
+
+
+def split_method(method: str) -> tuple[str, dict[str, float]]:
+    """A method name's base method and its parameter learning rates: "spartan@{...}" -> ("spartan", {...})."""
+    base, _, param_lrs = method.partition("@")
+    return base, json.loads(param_lrs or "{}")
 
 
 def spartan_variant(overrides: dict) -> str:
@@ -108,18 +126,20 @@ def spartan_variant(overrides: dict) -> str:
 
 def spartan_overrides(method: str) -> dict:
     """The SpartanConfig overrides a spartan method name carries ({} for "spartan")."""
-    return json.loads(method[len("spartan"):] or "{}")
+    return json.loads(split_method(method)[0][len("spartan"):] or "{}")
 
 
 def learning_rates(method: str) -> tuple[float, ...]:
-    return LEARNING_RATES["spartan" if method.startswith("spartan") else method]
+    base = split_method(method)[0]
+    return LEARNING_RATES["spartan" if base.startswith("spartan") else base]
 
 
 def build(method: str, backbone):
     if method.startswith("spartan"):
         spartan_method = common.Method(method, method, None, common.build_spartan(spartan_overrides(method)))
         return common.build_method(spartan_method, backbone)
-    return common.build_method(common.METHODS[METHOD_NAMES.get(method, method)], backbone)
+    base = split_method(method)[0]
+    return common.build_method(common.METHODS[METHOD_NAMES.get(base, base)], backbone)
 
 
 class Data:
@@ -148,11 +168,12 @@ class Data:
 def run_one(args: argparse.Namespace, data: Data, task_name: str, method_name: str, lr: float, seed: int) -> dict:
     task, train_data, dev_data = data.get(task_name, seed)
     built = build(method_name, common.build_backbone("minilm", seed=seed))
-    output_dir = Path(tempfile.mkdtemp(prefix=f"glue_{task_name}_{method_name}_"))
+    output_dir = Path(tempfile.mkdtemp(prefix=f"glue_{task_name}_"))
     try:
         config = TrainingConfig(
             output_dir=output_dir,
             learning_rate=lr,
+            parameter_learning_rates=split_method(method_name)[1],
             num_epochs=args.epochs,
             batch_size=args.batch_size,
             metric_for_best=task.main_metric,
@@ -241,7 +262,7 @@ def execute(args: argparse.Namespace) -> None:
 def summarise(runs: list[dict], first_seed: int) -> list[dict]:
     """Per task and method: the learning rate chosen on the first seed, and mean/std over seeds at that rate."""
     rows = []
-    variants = sorted({r["method"] for r in runs if r["method"].startswith("spartan{")})
+    variants = sorted({r["method"] for r in runs if r["method"] not in LEARNING_RATES})
     for method in [*LEARNING_RATES, *variants]:
         row = {"method": method, "tasks": {}}
         for task in TASKS:

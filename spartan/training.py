@@ -12,6 +12,7 @@ Runs data-parallel when launched on several processes (``accelerate launch`` on 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import math
 import os
@@ -49,7 +50,14 @@ EVAL_LOSS = "eval_loss"
 LOG_KEYS = ("step", "epoch", "time", "loss", "lr", EVAL_LOSS)  # compute_metrics may not return these names
 PADDED_FIELDS = ("input_ids", "attention_mask", "token_type_ids")
 # Settings a resumed run must share with the interrupted one: the data order and the optimizer state depend on them.
-RESUME_FIELDS = ("seed", "batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay")
+RESUME_FIELDS = (
+    "seed",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "parameter_learning_rates",
+    "weight_decay",
+)
 
 ComputeMetrics = Callable[[np.ndarray, np.ndarray], Mapping[str, float]]
 
@@ -62,6 +70,10 @@ class TrainingConfig(JsonConfig):
         output_dir: where ``last/`` (resume state), ``best/`` (best weights) and ``log.jsonl`` go.
         learning_rate: peak AdamW learning rate; memories and heads want large ones (3e-3 won the
             few-shot GLUE sweeps over 1e-3, which left RTE at chance: benchmarks/results/glue_tuning.md).
+        parameter_learning_rates: other peak rates for some parameters, ``{pattern: rate}`` with
+            ``fnmatch`` patterns over parameter names, e.g. ``{"*LayerNorm*": 1e-4}``; a parameter
+            takes the rate of the first pattern it matches, the others ``learning_rate``. Every
+            pattern must match a trainable parameter.
         weight_decay: AdamW's decoupled weight decay, applied to every trainable parameter.
         num_epochs: passes over the training data.
         max_steps: optimizer updates to run; overrides ``num_epochs``.
@@ -91,6 +103,7 @@ class TrainingConfig(JsonConfig):
 
     output_dir: str
     learning_rate: float = 3e-3
+    parameter_learning_rates: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 0.0
     num_epochs: int = 3
     max_steps: int | None = None
@@ -128,6 +141,11 @@ class TrainingConfig(JsonConfig):
             f"seed must be an integer in [0, 2**32), got {self.seed!r}",
         )
         _require(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        for pattern, rate in self.parameter_learning_rates.items():
+            _require(
+                isinstance(pattern, str) and isinstance(rate, (int, float)) and rate > 0,
+                f"parameter_learning_rates maps name patterns to rates > 0, got {pattern!r}: {rate!r}",
+            )
         _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _require(0 <= self.warmup_ratio <= 1, f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
         _require(
@@ -289,7 +307,9 @@ class _TrainingRun:
         )
         self.parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
         optimizer = torch.optim.AdamW(
-            self.parameters.values(), lr=config.learning_rate, weight_decay=config.weight_decay
+            _parameter_groups(self.parameters, config.learning_rate, config.parameter_learning_rates),
+            lr=config.learning_rate,
+            weight_decay=config.weight_decay,
         )
         self.shuffler = _EpochShuffler(len(train_dataset), config.seed)
         loaders = [_data_loader(train_dataset, config, config.batch_size, collate, self.shuffler)]
@@ -598,6 +618,27 @@ def _linear_warmup_decay(total_steps: int, warmup_steps: int) -> Callable[[int],
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     return factor
+
+
+def _parameter_groups(
+    parameters: Mapping[str, Tensor], learning_rate: float, overrides: Mapping[str, float]
+) -> list[dict[str, Any]]:
+    """AdamW parameter groups: those matching no pattern at ``learning_rate`` first, then one per pattern."""
+    groups: dict[str | None, list[Tensor]] = {None: [], **{pattern: [] for pattern in overrides}}
+    for name, parameter in parameters.items():
+        pattern = next((pattern for pattern in overrides if fnmatch.fnmatchcase(name, pattern)), None)
+        groups[pattern].append(parameter)
+    unmatched = [pattern for pattern in overrides if not groups[pattern]]
+    if unmatched:
+        raise ValueError(
+            f"parameter_learning_rates pattern(s) {unmatched} match no trainable parameter; "
+            f"trainable names look like {list(parameters)[:3]}"
+        )
+    return [
+        {"params": params, "lr": overrides.get(pattern, learning_rate)}
+        for pattern, params in groups.items()
+        if params or pattern is None
+    ]
 
 
 def _detached(parameters: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -233,6 +233,22 @@ def test_padding_collator():
         padding_collator([{"text": "no tokens"}])
 
 
+def test_parameter_learning_rates(tmp_path):
+    model = wrapped_bert()
+    before = trainable(model)
+    config = settings(tmp_path, max_steps=4, parameter_learning_rates={"*LayerNorm*": 1e-12, "*child_values": 1e-1})
+    train(model, toy_dataset(64), config=config)
+    change = {name: (p - before[name]).abs().max().item() for name, p in trainable(model).items()}
+    norms = [name for name in change if "LayerNorm" in name]
+    assert norms and max(change[name] for name in norms) < 1e-10
+    # Adam moves each parameter by about its learning rate per update: 0.1 for the values, 0.05 elsewhere
+    values = [change[name] for name in change if name.endswith("child_values")]
+    keys = [change[name] for name in change if name.endswith("parent_keys")]
+    assert values and keys and min(values) > max(keys) * 1.5
+    with pytest.raises(ValueError, match=r"\['\*adapter\*'\] match no trainable parameter"):
+        train(model, toy_dataset(16), config=settings(tmp_path, "bad", parameter_learning_rates={"*adapter*": 1e-3}))
+
+
 def test_config_json_round_trip(tmp_path):
     config = TrainingConfig(tmp_path / "run", max_steps=5, metric_for_best="f1", early_stopping_patience=3)
     config.save(tmp_path / "config.json")
@@ -255,6 +271,7 @@ def test_config_json_round_trip(tmp_path):
         ({"early_stopping_patience": 0}, "early_stopping_patience"),
         ({"seed": -1}, "seed"),
         ({"output_dir": ""}, "output_dir"),
+        ({"parameter_learning_rates": {"*LayerNorm*": 0}}, "parameter_learning_rates"),
     ],
 )
 def test_bad_config_values_are_refused(overrides, message):
