@@ -316,7 +316,7 @@ def markdown(rows: list[dict], runs: list[dict], setting: str, first_seed: int) 
                 f"{len(entry['seeds'])} | {entry['train_seconds_mean']:.0f}"
             )
         average = f"{row['average']:.1f}" if "average" in row else ""
-        lines.append(f"| {row['method']} | {params:,} | " + " | ".join(cells) + f" | {average} |")
+        lines.append(f"| `{row['method']}` | {params:,} | " + " | ".join(cells) + f" | {average} |")
     lines += [
         "",
         f"{len(runs)} runs in results/glue_runs/{setting}/ (every learning rate and seed, with all metrics).",
@@ -351,7 +351,7 @@ def sweep_table(rows: list[dict], runs: list[dict], first_seed: int) -> list[str
                 f"**{lr:g}: {score:.1f}**" if lr == entry["learning_rate"] else f"{lr:g}: {score:.1f}"
                 for lr, score in sweep
             ))
-        lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+        lines.append(f"| `{row['method']}` | " + " | ".join(cells) + " |")
     return lines
 
 

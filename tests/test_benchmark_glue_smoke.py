@@ -52,7 +52,22 @@ def test_protocol_sweeps_then_seeds_resumes_and_reports(glue_benchmark, tmp_path
     assert {path: path.stat().st_mtime_ns for path in runs_dir.glob("*.json")} == mtimes
 
     table = (tmp_path / "glue_fewshot4-1ep-bs2.md").read_text()
-    assert "| spartan |" in table and "| head |" in table
+    assert "| `spartan` |" in table and "| `head` |" in table
     summary = json.loads((tmp_path / "glue_fewshot4-1ep-bs2.json").read_text())
     spartan_rte = next(row for row in summary if row["method"] == "spartan")["tasks"]["rte"]
     assert spartan_rte["seeds"] == [0, 1] and 0 <= spartan_rte["score_mean"] <= 100
+
+
+def test_variants_are_named_by_their_overrides(glue_benchmark):
+    args = glue_benchmark.parse_args(
+        ["--data-dir", "x", "--methods", "spartan", "lora", "--spartan", '{"temperature": 1.0}',
+         "--param-lrs", '{"*LayerNorm*": 1e-3}']
+    )
+    assert args.methods == ['spartan{"temperature":1.0}@{"*LayerNorm*":0.001}', 'lora@{"*LayerNorm*":0.001}']
+    assert glue_benchmark.split_method(args.methods[1]) == ("lora", {"*LayerNorm*": 1e-3})
+    assert glue_benchmark.learning_rates(args.methods[1]) == glue_benchmark.LEARNING_RATES["lora"]
+    names = [glue_benchmark.run_name("rte", method, 3e-3, 0) for method in args.methods]
+    assert names == [
+        "rte-spartan_temperature=1.0_plr_LayerNorm=0.001-lr0.003-seed0",
+        "rte-lora_plr_LayerNorm=0.001-lr0.003-seed0",
+    ]
