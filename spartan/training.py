@@ -631,14 +631,10 @@ def _parameter_groups(
     unmatched = [pattern for pattern in overrides if not groups[pattern]]
     if unmatched:
         raise ValueError(
-            f"parameter_learning_rates pattern(s) {unmatched} match no trainable parameter; "
+            f"parameter_learning_rates pattern(s) {unmatched} match no trainable parameter that an earlier pattern left; "
             f"trainable names look like {list(parameters)[:3]}"
         )
-    return [
-        {"params": params, "lr": overrides.get(pattern, learning_rate)}
-        for pattern, params in groups.items()
-        if params or pattern is None
-    ]
+    return [{"params": params, "lr": overrides.get(pattern, learning_rate)} for pattern, params in groups.items()]
 
 
 def _detached(parameters: Mapping[str, Tensor]) -> dict[str, Tensor]:
