@@ -135,10 +135,10 @@ def learning_rates(method: str) -> tuple[float, ...]:
 
 
 def build(method: str, backbone):
-    if method.startswith("spartan"):
-        spartan_method = common.Method(method, method, None, common.build_spartan(spartan_overrides(method)))
-        return common.build_method(spartan_method, backbone)
     base = split_method(method)[0]
+    if base.startswith("spartan"):
+        spartan_method = common.Method(base, base, None, common.build_spartan(spartan_overrides(base)))
+        return common.build_method(spartan_method, backbone)
     return common.build_method(common.METHODS[METHOD_NAMES.get(base, base)], backbone)
 
 
