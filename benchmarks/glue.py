@@ -17,7 +17,7 @@ examples with the run's seed, so every method sees the same examples for a given
 and names the runs ``spartan{...}``, so variants sit beside the defaults in one table.
 
 Each run's result is one JSON file in results/glue_runs/<setting>/ (``full``, ``fewshot200``; a
-non-default schedule is a setting of its own, e.g. ``full-5ep``): an interrupted protocol resumes where
+non-default schedule or dropout is a setting of its own, e.g. ``full-5ep``, ``full-dropout0``): an interrupted protocol resumes where
 it stopped, and the tables (results/glue_<setting>.{md,json}) are rebuilt from every run present.
 Wall-clock training time excludes evaluation and checkpoint saving.
 """
@@ -81,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--batch-size", type=int, help="default: 32, or 8 with --few-shot (125 updates on 200 examples)"
     )
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument(
+        "--dropout", type=float, help="the backbone's dropout probabilities for every method (default: the model's, 0.1)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report-only", action="store_true", help="rebuild the tables from the saved runs")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -93,6 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.setting += f"-{args.epochs}ep"
     if args.batch_size != default_batch_size:
         args.setting += f"-bs{args.batch_size}"
+    if args.dropout is not None:
+        args.setting += f"-dropout{args.dropout:g}"
     args.runs_dir = args.out / "glue_runs" / args.setting
     args.methods = [spartan_variant(args.spartan) if m == "spartan" else m for m in args.methods]
     if args.param_lrs:
@@ -167,7 +172,7 @@ class Data:
 
 def run_one(args: argparse.Namespace, data: Data, task_name: str, method_name: str, lr: float, seed: int) -> dict:
     task, train_data, dev_data = data.get(task_name, seed)
-    built = build(method_name, common.build_backbone("minilm", seed=seed))
+    built = build(method_name, common.build_backbone("minilm", seed=seed, dropout=args.dropout))
     output_dir = Path(tempfile.mkdtemp(prefix=f"glue_{task_name}_"))
     try:
         config = TrainingConfig(
@@ -205,6 +210,7 @@ def run_one(args: argparse.Namespace, data: Data, task_name: str, method_name: s
         "train_examples": len(train_data),
         "epochs": args.epochs,
         "batch_size": args.batch_size,
+        **({"dropout": args.dropout} if args.dropout is not None else {}),
         "train_seconds": result.train_runtime_s - result.checkpoint_runtime_s,
         "trainable_params": built.trainable_params,
         **({"config": built.extra} if built.extra else {}),
@@ -293,7 +299,8 @@ def markdown(rows: list[dict], runs: list[dict], setting: str, first_seed: int) 
     example = runs[0]
     lines = [
         f"GLUE dev, all-MiniLM-L6-v2, setting `{setting}`: {example['epochs']} epochs, batch {example['batch_size']}, "
-        "best epoch by the task's dev metric, learning rate chosen on the first seed; mean +- std over seeds, "
+        + (f"dropout {example['dropout']:g}, " if "dropout" in example else "")
+        + "best epoch by the task's dev metric, learning rate chosen on the first seed; mean +- std over seeds, "
         "a single seed's score alone (x100; MRPC = mean of accuracy and F1, as the GLUE score). "
         "Train s = wall-clock seconds of training per run (2 CPU threads), evaluation excluded.",
         "",

@@ -71,3 +71,14 @@ def test_variants_are_named_by_their_overrides(glue_benchmark):
         "rte-spartan_temperature=1.0_plr_LayerNorm=0.001-lr0.003-seed0",
         "rte-lora_plr_LayerNorm=0.001-lr0.003-seed0",
     ]
+
+
+def test_dropout_is_a_setting_of_its_own_and_reaches_the_backbone(glue_benchmark):
+    assert glue_benchmark.parse_args(["--data-dir", "x", "--dropout", "0"]).setting == "full-dropout0"
+    assert glue_benchmark.parse_args(["--data-dir", "x"]).setting == "full"
+    backbone = glue_benchmark.common.build_backbone("minilm", dropout=0.0).train()
+    inputs = {"input_ids": torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])}
+    with torch.no_grad():
+        first, second = backbone(**inputs).logits, backbone(**inputs).logits
+    torch.testing.assert_close(first, second)  # training mode, yet deterministic: no dropout anywhere
+    assert glue_benchmark.common.build_backbone("minilm").config.hidden_dropout_prob == 0.1
