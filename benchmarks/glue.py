@@ -17,8 +17,8 @@ examples with the run's seed, so every method sees the same examples for a given
 and names the runs ``spartan{...}``, so variants sit beside the defaults in one table.
 
 Each run's result is one JSON file in results/glue_runs/<setting>/ (``full``, ``fewshot200``; a
-non-default schedule or dropout is a setting of its own, e.g. ``full-5ep``, ``full-dropout0``): an interrupted protocol resumes where
-it stopped, and the tables (results/glue_<setting>.{md,json}) are rebuilt from every run present.
+non-default schedule or dropout is a setting of its own, e.g. ``full-5ep``, ``full-dropout0``): an
+interrupted protocol resumes where it stopped, and the tables (results/glue_<setting>.{md,json}) are rebuilt from every run present.
 Wall-clock training time excludes evaluation and checkpoint saving.
 """
 
