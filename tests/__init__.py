@@ -1,0 +1,1 @@
+"""spartan test suite: tests import their helpers as tests.tiny_models, tests.toy_data."""
