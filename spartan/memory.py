@@ -6,20 +6,21 @@ Depends on torch only.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from . import _validate as check
+
 IMPLEMENTATIONS = ("auto", "dense", "sparse")
 VALUE_INITS = ("zeros", "normal")
 
-# "auto" reads memories of up to this many child slots (P * C) densely. Measured on 32 x 128 tokens at
-# H=768 (benchmarks/results/memory_layer.md): dense is faster at 1,024 slots (229 vs 439 ms forward),
-# sparse at 4,096 (439 vs 713 ms); the dense cost grows with P * C, the sparse one with P + k * C.
+# "auto" reads memories of up to this many child slots (P * C) densely; the dense cost grows with
+# P * C, the sparse one with P + k * C (the crossover is measured in benchmarks/results/memory_layer.md).
 DENSE_MAX_SLOTS = 2048
 # The sparse path reads this many tokens at a time, so its gathered activations stay near
-# chunk_tokens * top_k * H values whatever the batch (about 24 MiB at top-k 8, H=768, fp32).
+# chunk_tokens * top_k * H values whatever the batch.
 SPARSE_CHUNK_TOKENS = 1024
 
 
@@ -30,15 +31,22 @@ class Routing(NamedTuple):
     weights: Tensor  # [..., top_k] softmax over the selected parents' logits
 
 
-def validate_memory_shape(num_parents: int, children_per_parent: int, top_k: int, temperature: float) -> None:
-    """Raise a ValueError naming the first invalid parameter of a memory's shape."""
-    for name, value in (("num_parents", num_parents), ("children_per_parent", children_per_parent), ("top_k", top_k)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def validate_memory_shape(
+    num_parents: Any, children_per_parent: Any, top_k: Any, temperature: Any
+) -> tuple[int, int, int, float]:
+    """The memory's shape, normalised (NumPy and string numbers taken); a ValueError names the first
+    invalid parameter and the fix."""
+    num_parents = check.positive_int("num_parents", num_parents)
+    children_per_parent = check.positive_int("children_per_parent", children_per_parent)
+    top_k = check.positive_int("top_k", top_k)
     if top_k > num_parents:
         raise ValueError(f"top_k ({top_k}) cannot exceed num_parents ({num_parents}): lower top_k or add parents")
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    return num_parents, children_per_parent, top_k, check.positive_number("temperature", temperature)
+
+
+def memory_parameter_count(hidden_size: int, num_parents: int, children_per_parent: int) -> int:
+    """Parameters of one memory: ``P`` parent keys, ``P*C`` child keys and ``P*C`` child values of size H."""
+    return (num_parents + 2 * num_parents * children_per_parent) * hidden_size
 
 
 class SparseHierarchicalMemory(nn.Module):
@@ -47,12 +55,20 @@ class SparseHierarchicalMemory(nn.Module):
     For each token ``h``: parent logits ``h @ parent_keys.T``; keep the ``top_k`` parents and
     softmax their logits; for each kept parent, softmax ``h @ child_keys[p].T / temperature``
     over its children; return ``sum_p sum_c w_p * w_pc * child_values[p, c]``. Children of
-    parents that were not selected take no part, in the forward or the backward pass.
+    parents that were not selected take no part, in the forward or the backward pass (their
+    gradients are exactly zero, even when the upstream gradient is not finite).
+
+    The parameters are stored in the layout the dense read uses, so no derived copy of them
+    exists that a write could leave stale: ``keys`` ``[P + C*P, H]`` holds the P parent keys,
+    then the child keys child-major (row ``P + c*P + p`` is child ``c`` of parent ``p``);
+    ``values`` ``[C*P, H]`` holds the child values in the same order. ``parent_keys``
+    ``[P, H]``, ``child_keys`` and ``child_values`` ``[P, C, H]`` are views of them.
 
     Two implementations give the same results: ``"dense"`` scores all ``P + P*C`` keys with one
-    matrix product and mixes the values with another (fastest for small memories);
-    ``"sparse"`` groups the tokens by selected parent and reads only those parents' children,
-    so work and activation memory per token grow with ``P + top_k * C`` rather than ``P * C``.
+    matrix product and mixes the values with another (fastest for small memories; traceable and
+    exportable with dynamic shapes); ``"sparse"`` groups the tokens by selected parent and reads
+    only those parents' children, so work and activation memory per token grow with
+    ``P + top_k * C`` rather than ``P * C`` (eager only: tracing or exporting it is refused).
 
     Args:
         hidden_size: H, the size of the hidden states read and returned.
@@ -66,10 +82,24 @@ class SparseHierarchicalMemory(nn.Module):
 
     Shape:
         - Input: ``hidden_states`` ``[..., H]``; optional ``residual`` of the same shape.
-        - Output: ``[..., H]``, the memory's read-out, plus ``residual`` when given.
+        - Output: ``[..., H]``, the memory's read-out, plus ``residual`` when given, in the
+          residual's dtype (autocast lowers the read-out, never the residual stream).
 
     After each forward, ``last_routing`` holds the selected parents and their weights.
+
+    Examples::
+
+        >>> memory = SparseHierarchicalMemory(384, num_parents=16, children_per_parent=3, top_k=8)
+        >>> hidden = torch.randn(2, 10, 384)
+        >>> memory(hidden, residual=hidden).shape
+        torch.Size([2, 10, 384])
+        >>> memory.last_routing.indices.shape
+        torch.Size([2, 10, 8])
     """
+
+    # State-dict layout. 1: parent_keys [P, H], child_keys and child_values [P, C, H];
+    # 2: keys [P + C*P, H] and values [C*P, H]. Version-1 state dicts load (converted).
+    _version = 2
 
     def __init__(
         self,
@@ -85,41 +115,67 @@ class SparseHierarchicalMemory(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(hidden_size, int) or hidden_size <= 0:
-            raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
-        validate_memory_shape(num_parents, children_per_parent, top_k, temperature)
-        if value_init not in VALUE_INITS:
-            raise ValueError(f"value_init must be one of {VALUE_INITS}, got {value_init!r}")
-        if implementation not in IMPLEMENTATIONS:
-            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-        if not isinstance(chunk_tokens, int) or chunk_tokens <= 0:
-            raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}")
+        hidden_size = check.positive_int("hidden_size", hidden_size)
+        num_parents, children_per_parent, top_k, temperature = validate_memory_shape(
+            num_parents, children_per_parent, top_k, temperature
+        )
+        self.value_init = check.choice("value_init", value_init, VALUE_INITS)
+        implementation = check.choice("implementation", implementation, IMPLEMENTATIONS)
+        self.chunk_tokens = check.positive_int("chunk_tokens", chunk_tokens)
         self.hidden_size = hidden_size
         self.num_parents = num_parents
         self.children_per_parent = children_per_parent
         self.top_k = top_k
-        self.temperature = float(temperature)
-        self.value_init = value_init
+        self.temperature = temperature
         if implementation == "auto":
             implementation = "dense" if num_parents * children_per_parent <= DENSE_MAX_SLOTS else "sparse"
         self.implementation = implementation
-        self.chunk_tokens = chunk_tokens
+        slots = num_parents * children_per_parent
         factory = {"device": device, "dtype": dtype}
-        self.parent_keys = nn.Parameter(torch.empty(num_parents, hidden_size, **factory))
-        self.child_keys = nn.Parameter(torch.empty(num_parents, children_per_parent, hidden_size, **factory))
-        self.child_values = nn.Parameter(torch.empty(num_parents, children_per_parent, hidden_size, **factory))
+        self.keys = nn.Parameter(torch.empty(num_parents + slots, hidden_size, **factory))
+        self.values = nn.Parameter(torch.empty(slots, hidden_size, **factory))
         self.last_routing: Routing | None = None
-        self._dense_cache: tuple | None = None  # (parameter versions, their tensors, the inference layout)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         std = 1.0 / math.sqrt(self.hidden_size)  # logits of unit-scale hidden states start near unit scale
-        nn.init.normal_(self.parent_keys, std=std)
-        nn.init.normal_(self.child_keys, std=std)
+        nn.init.normal_(self.keys, std=std)
         if self.value_init == "zeros":
-            nn.init.zeros_(self.child_values)
+            nn.init.zeros_(self.values)
         else:
-            nn.init.normal_(self.child_values, std=std)
+            nn.init.normal_(self.values, std=std)
+
+    # -- views of the parameters ---------------------------------------------------------------
+
+    def split_keys(self, keys: Tensor) -> tuple[Tensor, Tensor]:
+        """Views of a tensor shaped like ``keys`` (the parameter, its gradient, an optimizer state):
+        the parent part ``[P, H]`` and the child part ``[P, C, H]``."""
+        P, C = self.num_parents, self.children_per_parent
+        return keys[:P], keys[P:].view(C, P, -1).transpose(0, 1)
+
+    def split_values(self, values: Tensor) -> Tensor:
+        """A view ``[P, C, H]`` of a tensor shaped like ``values``."""
+        return values.view(self.children_per_parent, self.num_parents, -1).transpose(0, 1)
+
+    @property
+    def parent_keys(self) -> Tensor:
+        """``[P, H]``, a view of ``keys``."""
+        return self.split_keys(self.keys)[0]
+
+    @property
+    def child_keys(self) -> Tensor:
+        """``[P, C, H]``, a view of ``keys``."""
+        return self.split_keys(self.keys)[1]
+
+    @property
+    def child_values(self) -> Tensor:
+        """``[P, C, H]``, a view of ``values``."""
+        return self.split_values(self.values)
+
+    @staticmethod
+    def parameter_count(hidden_size: int, num_parents: int, children_per_parent: int) -> int:
+        """The number of parameters of a memory of this shape."""
+        return memory_parameter_count(hidden_size, num_parents, children_per_parent)
 
     def extra_repr(self) -> str:
         return (
@@ -128,25 +184,45 @@ class SparseHierarchicalMemory(nn.Module):
             f"temperature={self.temperature}, implementation={self.implementation!r}"
         )
 
+    # -- reading -------------------------------------------------------------------------------
+
+    def parent_logits(self, hidden_states: Tensor) -> Tensor:
+        """Every parent's logit for every token, by brute force: ``[..., H] -> [..., P]``."""
+        self._check_input(hidden_states)
+        return hidden_states @ self.parent_keys.T
+
     def forward(self, hidden_states: Tensor, residual: Tensor | None = None) -> Tensor:
         """Read the memory; with ``residual`` (shaped like ``hidden_states``), return ``residual`` plus
-        the read-out, the addition fused into the read-out's last operation."""
-        if hidden_states.shape[-1] != self.hidden_size:
-            raise ValueError(
-                f"hidden_states has hidden size {hidden_states.shape[-1]} but the memory was built with "
-                f"hidden_size={self.hidden_size}"
-            )
+        the read-out, the addition fused into the read-out's last operation where the dtypes allow."""
+        self._check_input(hidden_states)
         if residual is not None and residual.shape != hidden_states.shape:
             raise ValueError(
                 f"residual has shape {tuple(residual.shape)}; it must match hidden_states' {tuple(hidden_states.shape)}"
             )
         tokens = hidden_states.reshape(-1, self.hidden_size)  # [N, H]
         base = None if residual is None else residual.reshape(-1, self.hidden_size)
-        read = self._read_dense if self.implementation == "dense" else self._read_sparse
-        out, top_indices, parent_weights = read(tokens, base)
+        if self.implementation == "dense":
+            out, top_indices, parent_weights = self._read_dense(tokens, base)
+        else:
+            self._refuse_tracing()
+            out, top_indices, parent_weights = self._read_sparse(tokens, base)
         leading = hidden_states.shape[:-1]
-        self.last_routing = Routing(top_indices.view(*leading, self.top_k), parent_weights.view(*leading, self.top_k))
-        return out.view(hidden_states.shape)
+        self.last_routing = Routing(top_indices.unflatten(0, leading), parent_weights.unflatten(0, leading))
+        return out.view_as(hidden_states)
+
+    def _check_input(self, hidden_states: Tensor) -> None:
+        if hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"hidden_states has hidden size {hidden_states.shape[-1]} but the memory was built with "
+                f"hidden_size={self.hidden_size}"
+            )
+
+    def _refuse_tracing(self) -> None:
+        if torch.jit.is_tracing() or torch.compiler.is_exporting():
+            raise RuntimeError(
+                "the sparse memory path groups tokens by parent with data-dependent sizes and cannot be traced "
+                "or exported: build the memory with implementation='dense' (SpartanConfig(implementation='dense'))"
+            )
 
     def _select_parents(self, parent_logits: Tensor) -> tuple[Tensor, Tensor]:
         top_logits, top_indices = parent_logits.topk(self.top_k, dim=-1)  # [N, k]
@@ -154,42 +230,29 @@ class SparseHierarchicalMemory(nn.Module):
 
     def _read_dense(self, tokens: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         P, C = self.num_parents, self.children_per_parent
-        keys, values = self._dense_layout()  # [H, P + C*P], [C*P, H]
-        logits = tokens @ keys  # [N, P + C*P]: parents and children in one matrix product
+        logits = tokens @ self.keys.T  # [N, P + C*P]: parents and children in one matrix product
         parent_logits, child_logits = logits.split([P, C * P], dim=-1)
         top_indices, parent_weights = self._select_parents(parent_logits)
-        child_weights = _upcast(child_logits.view(-1, C, P)).softmax(dim=1)  # [N, C, P]
-        selected = child_weights.new_zeros(len(tokens), P)
-        selected.scatter_(1, top_indices, parent_weights.to(child_weights.dtype))  # [N, P]
-        slot_weights = (selected.unsqueeze(1) * child_weights).view(-1, C * P)  # [N, C*P], zero outside the top-k
-        slot_weights, values = slot_weights.to(tokens.dtype), values.to(tokens.dtype)
-        out = slot_weights @ values if residual is None else torch.addmm(residual, slot_weights, values)
+        # Child-major [N, C, P]: the softmax over each parent's C children runs over dim 1 with P
+        # contiguous, much faster than over a tiny last dim.
+        child_weights = (_upcast(child_logits).view(-1, C, P) / self.temperature).softmax(dim=1)
+        selected = torch.zeros_like(parent_logits, dtype=child_weights.dtype)  # no Python ints from shapes
+        selected = selected.scatter(1, top_indices, parent_weights.to(child_weights.dtype))  # [N, P]
+        # where, not a product alone: unselected slots get exactly zero gradient even from inf upstream
+        keep = (selected > 0).unsqueeze(1)  # [N, 1, P]; a kept parent whose weight underflows to 0 reads nothing
+        slot_weights = torch.where(keep, selected.unsqueeze(1) * child_weights, 0.0).view(-1, C * P)
+        values = self.values
+        if values.requires_grad and torch.is_grad_enabled():
+            # values of parents no token selected: exactly zero gradient (a product with a zero
+            # weight would turn an infinite upstream gradient into NaN)
+            used = keep.any(dim=0).squeeze(0).repeat(C)  # [C*P], child-major like the values' rows
+            values = torch.where(used.unsqueeze(1), values, 0.0)
+        if residual is not None and _same_dtypes(residual, slot_weights, values):
+            out = torch.addmm(residual, slot_weights, values)
+        else:
+            read = slot_weights.to(values.dtype) @ values
+            out = read.to(tokens.dtype) if residual is None else residual + read.to(residual.dtype)
         return out, top_indices, parent_weights
-
-    def _dense_layout(self) -> tuple[Tensor, Tensor]:
-        """All keys as one matrix [H, P + C*P] (child logits pre-divided by the temperature) and the
-        values [C*P, H]. Children are laid out child-major ([C, P]): the softmax over each parent's
-        C children then runs over dim 1 with P contiguous, an order of magnitude faster than over a
-        tiny last dim.
-
-        Rebuilt on every call while gradients flow to the memory; otherwise (inference) built once
-        and reused until a parameter changes (in place or replaced) or the temperature does.
-        """
-        params = (self.parent_keys, self.child_keys, self.child_values)
-        if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or any(p.is_inference() for p in params):
-            return self._build_dense_layout()
-        version = (self.temperature, *((p.data_ptr(), p._version, p.device) for p in params))
-        if self._dense_cache is None or self._dense_cache[0] != version:
-            with torch.no_grad():
-                # the sources keep the parameters' storage alive, so no new parameter can reuse its address
-                self._dense_cache = (version, tuple(p.detach() for p in params), self._build_dense_layout())
-        return self._dense_cache[2]
-
-    def _build_dense_layout(self) -> tuple[Tensor, Tensor]:
-        P, C, H = self.num_parents, self.children_per_parent, self.hidden_size
-        child_keys = self.child_keys.transpose(0, 1).reshape(C * P, H) / self.temperature
-        keys = torch.cat([self.parent_keys, child_keys]).T.contiguous()  # [H, P + C*P]
-        return keys, self.child_values.transpose(0, 1).reshape(C * P, H).contiguous()
 
     @torch.compiler.disable  # a data-dependent loop over parents: run it eagerly inside compiled graphs
     def _read_sparse(self, tokens: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -198,6 +261,8 @@ class SparseHierarchicalMemory(nn.Module):
         # unbind, not indexing: its backward builds each gradient once, not one full-size tensor per parent
         keys, values = self.child_keys.unbind(0), self.child_values.unbind(0)  # P x [C, H]
         base = torch.zeros_like(tokens) if residual is None else residual
+        if len(tokens) == 0:
+            return base + 0 * tokens, top_indices, parent_weights
         chunks = zip(*(t.split(self.chunk_tokens) for t in (tokens, base, top_indices, parent_weights)))
         out = torch.cat([self._read_children(*chunk, keys, values) for chunk in chunks])
         return out, top_indices, parent_weights
@@ -224,17 +289,49 @@ class SparseHierarchicalMemory(nn.Module):
         grouped_tokens = tokens[pair_tokens].split(group_sizes)  # per parent: [n_p, H]
         grouped_weights = parent_weights.flatten()[order].unsqueeze(-1).split(group_sizes)  # per parent: [n_p, 1]
         weighted = torch.cat([
-            (_upcast(rows @ keys[parent].T / self.temperature).softmax(dim=-1) * weights).to(rows.dtype)
+            (_upcast(rows @ keys[parent].T / self.temperature).softmax(dim=-1) * weights).to(values[parent].dtype)
             @ values[parent]
             for parent, (rows, weights) in enumerate(zip(grouped_tokens, grouped_weights))
             if len(rows)
         ])  # [n*k, H]: each (token, parent) pair's weighted read-out
         return base.index_add(0, pair_tokens, weighted.to(base.dtype))
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        _upgrade_state_dict_v1(state_dict, prefix)  # a version-1 layout (parent_keys, ...) is converted
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+
+
+def upgrade_memory_state_dict(state_dict: dict[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
+    """A copy of ``state_dict`` with every version-1 memory (``<prefix>...parent_keys``,
+    ``child_keys``, ``child_values``) converted to the current ``keys`` / ``values`` layout."""
+    upgraded = dict(state_dict)
+    suffix = "parent_keys"
+    for key in [k for k in state_dict if k.startswith(prefix) and k.endswith(suffix)]:
+        _upgrade_state_dict_v1(upgraded, key[: -len(suffix)])
+    return upgraded
+
+
+def _upgrade_state_dict_v1(state_dict: dict[str, Tensor], prefix: str) -> None:
+    names = [f"{prefix}{name}" for name in ("parent_keys", "child_keys", "child_values")]
+    if not all(name in state_dict for name in names):
+        return
+    parent_keys, child_keys, child_values = (state_dict.pop(name) for name in names)
+    hidden = parent_keys.shape[-1]
+    # [P, C, H] -> child-major rows [C*P, H]
+    state_dict[f"{prefix}keys"] = torch.cat([parent_keys, child_keys.transpose(0, 1).reshape(-1, hidden)])
+    state_dict[f"{prefix}values"] = child_values.transpose(0, 1).reshape(-1, hidden)
+
 
 def _upcast(tensor: Tensor) -> Tensor:
     """Half-precision logits go through softmax in fp32."""
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+def _same_dtypes(residual: Tensor, weights: Tensor, values: Tensor) -> bool:
+    """Whether ``addmm`` keeps the residual's dtype: equal dtypes and no autocast that would lower it."""
+    if torch.is_autocast_enabled(residual.device.type):
+        return False
+    return residual.dtype == weights.dtype == values.dtype
 
 
 def load_balancing_loss(routing: Routing, num_parents: int, mask: Tensor | None = None) -> Tensor:

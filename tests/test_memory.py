@@ -60,9 +60,28 @@ def test_unselected_parents_take_no_part(implementation):
     perturbed = memory(hidden)
     assert torch.equal(out, perturbed)
     perturbed.square().sum().backward()
-    assert torch.count_nonzero(memory.child_keys.grad[unselected]) == 0
-    assert torch.count_nonzero(memory.child_values.grad[unselected]) == 0
-    assert torch.count_nonzero(memory.child_values.grad[next(iter(selected))]) > 0
+    child_key_grads = memory.split_keys(memory.keys.grad)[1]
+    child_value_grads = memory.split_values(memory.values.grad)
+    assert torch.count_nonzero(child_key_grads[unselected]) == 0
+    assert torch.count_nonzero(child_value_grads[unselected]) == 0
+    assert torch.count_nonzero(child_value_grads[next(iter(selected))]) > 0
+
+
+@pytest.mark.parametrize("implementation", ["dense", "sparse"])
+def test_unselected_children_get_zero_gradient_from_a_non_finite_upstream(implementation):
+    dense, sparse = make_pair(parents=12, top_k=2)
+    memory = dense if implementation == "dense" else sparse
+    hidden = torch.randn(2, 24, dtype=torch.float64)
+    out = memory(hidden)
+    selected = set(memory.last_routing.indices.flatten().tolist())
+    upstream = torch.full_like(out, float("inf"))
+    out.backward(upstream)
+    child_key_grads = memory.split_keys(memory.keys.grad)[1]
+    child_value_grads = memory.split_values(memory.values.grad)
+    for parent in range(12):
+        if parent not in selected:
+            assert torch.equal(child_key_grads[parent], torch.zeros_like(child_key_grads[parent]))
+            assert torch.equal(child_value_grads[parent], torch.zeros_like(child_value_grads[parent]))
 
 
 @pytest.mark.parametrize("implementation", ["dense", "sparse", "sparse in chunks"])
@@ -80,32 +99,113 @@ def test_residual_is_added_to_the_read_out(implementation):
         memory(hidden, residual=residual[:, :2])
 
 
-def test_inference_reuses_the_layout_until_a_parameter_or_the_temperature_changes():
+def _write_by_fused_adamw(memory):
+    memory(torch.randn(4, 24, dtype=torch.float64)).square().sum().backward()
+    torch.optim.AdamW(memory.parameters(), lr=0.1, fused=True).step()
+
+
+def _write_by_data_copy(memory):
+    memory.values.data.copy_(torch.randn_like(memory.values))
+
+
+def _write_through_numpy(memory):
+    memory.values.detach().numpy()[:] = 1.0
+
+
+def _write_by_load_state_dict(memory):
+    state = {name: torch.randn_like(tensor) for name, tensor in memory.state_dict().items()}
+    memory.load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    "write", [_write_by_fused_adamw, _write_by_data_copy, _write_through_numpy, _write_by_load_state_dict]
+)
+def test_no_write_to_a_parameter_leaves_a_stale_read(write):
     dense, _ = make_pair()
     hidden = torch.randn(5, 24, dtype=torch.float64)
-
-    def check() -> None:
-        with torch.no_grad():
-            torch.testing.assert_close(dense(hidden), reference_read(dense, hidden))
-        with torch.inference_mode():
-            torch.testing.assert_close(dense(hidden), reference_read(dense, hidden))
-
-    check()
-    cached = dense._dense_cache
-    check()
-    assert dense._dense_cache is cached  # nothing changed: the layout was reused
     with torch.no_grad():
-        dense.child_values.mul_(2.0)  # an optimizer step or load_state_dict writes in place
-    check()
-    dense.temperature = 0.5
-    check()
-    dense.child_keys.data = torch.randn(10, 4, 24, dtype=torch.float64)  # replaced, not written in place
-    check()
-    dense.float()
+        before = dense(hidden)
+    write(dense)
     with torch.no_grad():
-        torch.testing.assert_close(dense(hidden.float()), reference_read(dense, hidden.float()))
-    out = dense(hidden.float())  # gradients flow again: built fresh and differentiable
-    assert out.requires_grad
+        after = dense(hidden)
+        assert not torch.equal(before, after)
+        torch.testing.assert_close(after, reference_read(dense, hidden))
+    with torch.inference_mode():
+        torch.testing.assert_close(dense(hidden), reference_read(dense, hidden))
+
+
+def test_version_1_state_dicts_load():
+    dense, _ = make_pair()
+    old = {
+        "parent_keys": dense.parent_keys.detach().clone(),
+        "child_keys": dense.child_keys.detach().clone(),
+        "child_values": dense.child_values.detach().clone(),
+    }
+    fresh = SparseHierarchicalMemory(24, 10, 4, 3, 1.6, "normal", "dense").double()
+    fresh.load_state_dict(old)
+    hidden = torch.randn(5, 24, dtype=torch.float64)
+    torch.testing.assert_close(fresh(hidden), dense(hidden))
+    torch.testing.assert_close(fresh.child_keys, old["child_keys"])
+
+
+@pytest.mark.parametrize("implementation", ["dense", "sparse"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_keeps_the_residual_stream_in_its_dtype(implementation, dtype):
+    memory = SparseHierarchicalMemory(32, 8, 3, 4, implementation=implementation)  # zero values: reads zero
+    hidden = torch.randn(4, 6, 32)
+    with torch.autocast("cpu", dtype=dtype):
+        out = memory(hidden, residual=hidden)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, hidden)
+
+
+@pytest.mark.parametrize("implementation", ["dense", "sparse"])
+def test_zero_tokens_read_an_empty_result(implementation):
+    memory = SparseHierarchicalMemory(16, 8, 3, 4, value_init="normal", implementation=implementation)
+    hidden = torch.randn(0, 5, 16)
+    assert memory(hidden).shape == (0, 5, 16)
+    assert memory(hidden, residual=hidden).shape == (0, 5, 16)
+    assert memory.last_routing.indices.shape == (0, 5, 4)
+
+
+def test_dense_path_traces_for_every_shape():
+    torch.manual_seed(0)
+    memory = SparseHierarchicalMemory(16, 8, 3, 4, value_init="normal", implementation="dense").eval()
+    with torch.no_grad():
+        example = torch.randn(2, 5, 16)
+        traced = torch.jit.trace(memory, (example, example))
+        for shape in [(1, 1, 16), (3, 9, 16)]:
+            other = torch.randn(shape)
+            torch.testing.assert_close(traced(other, other), memory(other, residual=other))
+
+
+def test_dense_path_exports_with_dynamic_shapes():
+    torch.manual_seed(0)
+    memory = SparseHierarchicalMemory(16, 8, 3, 4, value_init="normal", implementation="dense").eval()
+    batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
+    with torch.no_grad():
+        program = torch.export.export(memory, (torch.randn(2, 5, 16),), dynamic_shapes=({0: batch, 1: length},))
+        for shape in [(1, 1, 16), (3, 9, 16)]:
+            other = torch.randn(shape)
+            torch.testing.assert_close(program.module()(other), memory(other))
+
+
+def test_sparse_path_refuses_tracing_and_export():
+    memory = SparseHierarchicalMemory(16, 8, 3, 4, implementation="sparse").eval()
+    with pytest.raises(RuntimeError, match="implementation='dense'"):
+        torch.jit.trace(memory, torch.randn(2, 5, 16))
+    with pytest.raises(Exception, match="implementation='dense'"):
+        torch.export.export(memory, (torch.randn(2, 5, 16),))
+
+
+def test_parent_logits_score_every_parent():
+    dense, _ = make_pair()
+    hidden = torch.randn(2, 3, 24, dtype=torch.float64)
+    logits = dense.parent_logits(hidden)
+    assert logits.shape == (2, 3, 10)
+    torch.testing.assert_close(logits, torch.einsum("bth,ph->btp", hidden, dense.parent_keys))
+    dense(hidden)
+    torch.testing.assert_close(dense.last_routing.indices, logits.topk(3, dim=-1).indices)
 
 
 def test_zero_init_reads_exactly_zero():
@@ -136,12 +236,25 @@ def test_auto_picks_implementation_by_size():
         (dict(hidden_size=0), "hidden_size"),
         (dict(implementation="fast"), "implementation"),
         (dict(chunk_tokens=0), "chunk_tokens"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(temperature=True), "temperature"),
+        (dict(top_k="many"), "top_k"),
     ],
 )
 def test_bad_arguments_name_the_parameter(kwargs, parameter):
     arguments = dict(hidden_size=16, num_parents=8, children_per_parent=3, top_k=4) | kwargs
     with pytest.raises(ValueError, match=parameter):
         SparseHierarchicalMemory(**arguments)
+
+
+def test_numpy_and_string_numbers_are_taken():
+    import numpy as np
+
+    memory = SparseHierarchicalMemory(np.int64(16), np.int64(8), "3", 4, temperature="1.6")
+    assert (memory.hidden_size, memory.num_parents, memory.children_per_parent) == (16, 8, 3)
+    assert memory.temperature == 1.6 and type(memory.num_parents) is int
+    assert memory.keys.shape == (8 + 24, 16)
+    assert sum(p.numel() for p in memory.parameters()) == SparseHierarchicalMemory.parameter_count(16, 8, 3)
 
 
 def test_wrong_hidden_size_is_a_clear_error():
@@ -160,7 +273,7 @@ def test_bf16_autocast_is_close_to_fp32(implementation):
     torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.05)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         memory(hidden).float().sum().backward()
-    assert memory.child_values.grad is not None and memory.child_values.grad.dtype == torch.float32
+    assert memory.values.grad is not None and memory.values.grad.dtype == torch.float32
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
