@@ -1,13 +1,20 @@
-"""Memory-only checkpoints: one task's memories, head and trained norms in safetensors, its config in JSON.
+"""Memory-only checkpoints: one task's memories and task modules (head, trained norms) in
+safetensors, its description in JSON. The task file format.
 
-Writes are atomic (temporary file, fsync, rename), loading never unpickles.
+A checkpoint is a folder holding ``spartan_config.json`` and ``spartan_memory.safetensors``.
+Format version 2 (written since 0.2) records the memory config, the task's label count, problem
+type and label names, the backbone's shape, the module paths of the wrapped layers and of the task
+modules, and the SHA-256 of the weights file; version-1 checkpoints load too. Saving swaps the
+whole folder in at once (other plain files already in it are kept), so a crash leaves the old
+checkpoint or the new one, never a mix; loading checks the checksum and never unpickles.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import tempfile
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,14 +24,20 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import _validate as check
+from ._io import atomic_write_text, existing_folder, replace_folder
+from ._state import copy_tensors
 from .config import SpartanConfig
 from .inject import (
-    _find_layers,
-    _hidden_size,
+    TaskLabels,
     active_memory_name,
     add_memory,
+    find_layers,
     get_config,
+    get_hidden_size,
     get_layer_paths,
+    get_task_labels,
+    get_task_module_paths,
     is_wrapped,
     memory_names,
     remove_memory,
@@ -33,59 +46,86 @@ from .inject import (
     unwrap_model,
     wrap_model,
 )
+from .memory import upgrade_memory_state_dict
 
 WEIGHTS_NAME = "spartan_memory.safetensors"
 CONFIG_NAME = "spartan_config.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+KNOWN_FORMAT_VERSIONS = (1, 2)
+
+__all__ = [
+    "CONFIG_NAME",
+    "FORMAT_VERSION",
+    "WEIGHTS_NAME",
+    "load_memory",
+    "load_task_weights",
+    "read_checkpoint",
+    "save_memory",
+]
 
 
 def save_memory(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> Path:
-    """Save task ``name``'s memories and head, and its LayerNorms with ``train_layer_norms`` (the
-    active task by default), to the folder ``path``.
+    """Save task ``name``'s memories and task modules (the active task by default) to the folder ``path``.
 
-    Writes ``spartan_memory.safetensors`` (weights) and ``spartan_config.json`` (the
-    SpartanConfig and the backbone's shape). The backbone is not saved.
+    Writes ``spartan_memory.safetensors`` (weights) and ``spartan_config.json`` (the config, the
+    task's labels, the backbone's shape and layers, the weights' checksum). The backbone is not saved.
     """
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
+    name = name or active_memory_name(model)
     config = get_config(model, name)
     tensors = {key: value.detach().contiguous().cpu() for key, value in task_state_dict(model, name).items()}
-    checkpoint_id = uuid.uuid4().hex  # ties the two files of one save together
+    checkpoint_id = uuid.uuid4().hex
     description = {
         "format_version": FORMAT_VERSION,
         "checkpoint_id": checkpoint_id,
-        "name": name or active_memory_name(model),
+        "name": name,
         "config": config.to_dict(),
+        "task": get_task_labels(model, name).to_dict(),
         "backbone": {
             "model_type": getattr(getattr(model, "config", None), "model_type", type(model).__name__),
-            "hidden_size": _hidden_size(model),
+            "hidden_size": get_hidden_size(model),
             "num_layers": len(get_layer_paths(model)),
+            "layers": get_layer_paths(model),
         },
+        "module_paths": get_task_module_paths(model),
     }
-    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"checkpoint_id": checkpoint_id}))
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(description, indent=2) + "\n"))
-    return folder
+    kept = _other_files(folder)
+
+    def write(staging: Path) -> None:
+        weights = staging / WEIGHTS_NAME
+        save_file(tensors, weights, metadata={"checkpoint_id": checkpoint_id})
+        description["weights_sha256"] = _sha256(weights)
+        atomic_write_text(staging / CONFIG_NAME, json.dumps(description, indent=2) + "\n")
+        for file in kept:
+            shutil.copy2(file, staging / file.name)
+
+    return replace_folder(folder, write)
 
 
 def load_memory(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> nn.Module:
     """Load a task saved by ``save_memory`` onto ``model`` and make it the active task.
 
-    An unwrapped model is wrapped first; a wrapped one gets the task added beside its others.
-    ``name`` defaults to the name the task was saved under. Returns the same model object.
+    An unwrapped model is wrapped first; a wrapped one gets the task added beside its others, with
+    a head of the task's own label count. ``name`` defaults to the name the task was saved under.
+    Returns the same model object.
     """
     description, tensors = read_checkpoint(path)
-    name = name or description["name"]
+    name = check.identifier("name", name or description["name"])
     config = SpartanConfig.from_dict(description["config"])
-    _check_backbone(model, description["backbone"], path)
+    _check_backbone(model, description, config, path)
+    labels = TaskLabels(**description["task"])
     was_wrapped = is_wrapped(model)
     if was_wrapped and name in memory_names(model):
         raise ValueError(f"model already has a memory named {name!r}: pass load_memory(..., name='another_name')")
+    label_args = {"num_labels": labels.num_labels, "problem_type": labels.problem_type, "id2label": labels.id2label}
+    if labels.num_labels is None:
+        label_args = {}
     if was_wrapped:
-        add_memory(model, name, config)
+        add_memory(model, name, config, **label_args)
     else:
-        wrap_model(model, config, name=name)
+        wrap_model(model, config, name=name, **label_args)
     try:
-        _copy_into(task_state_dict(model, name), tensors, path)
+        _copy_task(model, name, tensors, path)
     except ValueError:
         if was_wrapped:
             remove_memory(model, name)
@@ -96,75 +136,173 @@ def load_memory(model: nn.Module, path: str | os.PathLike, name: str | None = No
     return model
 
 
+def load_task_weights(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> None:
+    """Copy a saved task's weights into task ``name`` (the active task by default) of a wrapped
+    model that already has it, e.g. to go back to a best checkpoint. The shapes must agree."""
+    description, tensors = read_checkpoint(path)
+    _check_backbone(model, description, get_config(model, name), path)
+    _copy_task(model, name or active_memory_name(model), tensors, path)
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The config description and the weights of a checkpoint folder, checked to belong together."""
-    folder = Path(path)
+    """The checked description and the weights of a checkpoint folder, in the current format.
+
+    The description holds ``name``, ``config`` (SpartanConfig fields), ``task`` (``num_labels``,
+    ``problem_type``, ``id2label``),
+    ``backbone`` (``model_type``, ``hidden_size``, ``num_layers``, ``layers`` or None for version 1),
+    ``module_paths`` (None for version 1) and ``format_version`` (as saved).
+    """
+    folder = existing_folder(path) or Path(path)
     config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     for file in (config_file, weights_file):
         if not file.is_file():
             raise FileNotFoundError(
-                f"{file} does not exist: {folder} is not a spartan memory checkpoint "
+                f"{file} does not exist: {Path(path)} is not a spartan memory checkpoint "
                 f"(save_memory writes {CONFIG_NAME} and {WEIGHTS_NAME} into the folder)"
             )
     try:
-        description = json.loads(config_file.read_text())
-        missing = {"config", "backbone", "name", "checkpoint_id"} - set(description)
-    except (json.JSONDecodeError, TypeError) as error:
+        raw = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{config_file} is corrupt ({error}): save the memory again") from None
-    if missing:
-        raise ValueError(f"{config_file} is not a spartan memory config (no {sorted(missing)}): save the memory again")
+    description = _parse_description(raw, config_file)
+    expected_sha = raw.get("weights_sha256")
+    if description["format_version"] >= 2 and _sha256(weights_file) != expected_sha:
+        raise ValueError(
+            f"{weights_file} does not match the checksum in {config_file} (corrupt or altered): save the memory again"
+        )
     try:
         tensors = load_file(weights_file)
         with safe_open(weights_file, framework="pt") as handle:
             saved_id = (handle.metadata() or {}).get("checkpoint_id")
     except (SafetensorError, OSError, ValueError) as error:
         raise ValueError(f"{weights_file} is corrupt ({error}): save the memory again") from None
-    if saved_id != description.get("checkpoint_id"):
+    if saved_id != raw.get("checkpoint_id"):
         raise ValueError(
             f"{weights_file} and {config_file} come from different saves (interrupted write?): save the memory again"
         )
+    if description["format_version"] == 1:
+        tensors = _upgrade_v1_tensors(tensors)
     return description, tensors
 
 
-def _check_backbone(model: nn.Module, saved: dict[str, Any], path: str | os.PathLike) -> None:
-    hidden_size = _hidden_size(model)
-    num_layers = len(get_layer_paths(model)) if is_wrapped(model) else len(_find_layers(model, None))
-    if (hidden_size, num_layers) != (saved["hidden_size"], saved["num_layers"]):
+# -- internals -------------------------------------------------------------------------------
+
+
+def _parse_description(raw: Any, file: Path) -> dict[str, Any]:
+    """The description of ``file`` with every field checked; a ValueError names the bad field."""
+
+    def bad(field: str, problem: str) -> ValueError:
+        return ValueError(f"{file}: {field} {problem}: save the memory again (or fix the file by hand)")
+
+    if not isinstance(raw, dict):
+        raise bad("the file", "is not a JSON object")
+    version = raw.get("format_version", 1)
+    if version not in KNOWN_FORMAT_VERSIONS:
+        raise ValueError(
+            f"{file} has format_version {version!r}; this spartan reads versions {list(KNOWN_FORMAT_VERSIONS)}: "
+            "upgrade spartan to load it"
+        )
+    missing = sorted({"config", "backbone", "name", "checkpoint_id"} - set(raw))
+    if missing:
+        raise bad(f"field(s) {missing}", "are missing")
+    try:
+        config = SpartanConfig.from_dict(raw["config"])
+    except (ValueError, TypeError) as error:
+        raise bad("config", f"is invalid ({error})") from None
+    backbone = raw["backbone"]
+    if not isinstance(backbone, dict):
+        raise bad("backbone", f"must be an object with model_type, hidden_size and num_layers, got {backbone!r}")
+    try:
+        hidden_size = check.positive_int("backbone.hidden_size", backbone.get("hidden_size"))
+        num_layers = check.positive_int("backbone.num_layers", backbone.get("num_layers"))
+        layers = check.string_list("backbone.layers", backbone.get("layers"))
+        module_paths = raw.get("module_paths")
+        if module_paths is not None and not (
+            isinstance(module_paths, list) and all(isinstance(p, str) for p in module_paths)
+        ):
+            raise ValueError(f"module_paths must be a list of module paths, got {module_paths!r}")
+        task = raw.get("task") or {}
+        if not isinstance(task, dict):
+            raise ValueError(f"task must be an object with num_labels and problem_type, got {task!r}")
+        labels = TaskLabels(task.get("num_labels"), task.get("problem_type"), task.get("id2label"))
+        name = check.identifier("name", raw["name"])
+    except ValueError as error:
+        raise ValueError(f"{file}: {error}: save the memory again (or fix the file by hand)") from None
+    model_type = backbone.get("model_type")
+    return {
+        "format_version": version,
+        "name": name,
+        "config": config.to_dict(),
+        "task": labels.to_dict(),
+        "backbone": {
+            "model_type": model_type if isinstance(model_type, str) else "unknown",
+            "hidden_size": hidden_size,
+            "num_layers": num_layers,
+            "layers": layers,
+        },
+        "module_paths": module_paths,
+    }
+
+
+def _check_backbone(model: nn.Module, description: dict[str, Any], config: SpartanConfig, path: Any) -> None:
+    saved = description["backbone"]
+    hidden_size = get_hidden_size(model)
+    layers = get_layer_paths(model) if is_wrapped(model) else find_layers(model, config.layers)
+    same_layers = layers == saved["layers"] if saved["layers"] is not None else len(layers) == saved["num_layers"]
+    if hidden_size != saved["hidden_size"] or not same_layers:
+        if hidden_size == saved["hidden_size"] and len(layers) == saved["num_layers"]:
+            difference = f"wraps the layers {layers} where the memory had {saved['layers']}"
+        else:
+            difference = f"has hidden size {hidden_size} and {len(layers)} layers"
         raise ValueError(
             f"the memory at {path} was trained on a {saved['model_type']} backbone with hidden size "
-            f"{saved['hidden_size']} and {saved['num_layers']} layers, but this model has hidden size "
-            f"{hidden_size} and {num_layers} layers: load it onto the backbone it was trained with"
+            f"{saved['hidden_size']} and {saved['num_layers']} layers, but this model {difference}: "
+            "load it onto the backbone it was trained with"
         )
 
 
-def _copy_into(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    missing, unexpected = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
-    if missing or unexpected:
+def _copy_task(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], path: Any) -> None:
+    targets = task_state_dict(model, name)
+    memories = {k: v for k, v in targets.items() if k.startswith("memories.")}
+    modules = {k: v for k, v in targets.items() if not k.startswith("memories.")}
+    copy_tensors(
+        memories,
+        {k: v for k, v in tensors.items() if k.startswith("memories.")},
+        path,
+        "the memory config in the checkpoint does not describe its weights: save the memory again",
+    )
+    copy_tensors(
+        modules,
+        {k: v for k, v in tensors.items() if not k.startswith("memories.")},
+        path,
+        "its task modules (head, norms) are not this model's: was it saved from another architecture?",
+    )
+
+
+def _upgrade_v1_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Version-1 names (``head.<path>``, memories as parent_keys / child_keys / child_values) in the current layout."""
+    renamed = {(f"modules.{k[len('head.'):]}" if k.startswith("head.") else k): v for k, v in tensors.items()}
+    return upgrade_memory_state_dict(renamed, prefix="memories.")
+
+
+def _other_files(folder: Path) -> list[Path]:
+    """Plain files in ``folder`` besides a checkpoint's own, to keep when it is replaced."""
+    if not folder.exists():
+        return []
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is a file: save the memory into a folder")
+    others = [entry for entry in folder.iterdir() if entry.name not in (CONFIG_NAME, WEIGHTS_NAME)]
+    folders = [entry.name for entry in others if not entry.is_file()]
+    if folders:
         raise ValueError(
-            f"the checkpoint at {path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]} "
-            "(was it saved from a model with another architecture or task head?)"
+            f"{folder} holds other folders ({', '.join(sorted(folders)[:3])}): save the memory into a folder of its own"
         )
-    for key, target in targets.items():
-        if target.shape != tensors[key].shape:
-            raise ValueError(
-                f"{key} has shape {list(tensors[key].shape)} in the checkpoint at {path} but "
-                f"{list(target.shape)} in this model (a head for another number of labels? load the "
-                "base model with the num_labels the task was trained with)"
-            )
-    with torch.no_grad():
-        for key, target in targets.items():
-            target.copy_(tensors[key])
+    return others
 
 
-def _atomic_write(target: Path, write) -> None:
-    """Write ``target`` through a temporary file in its folder, so it is either old or complete."""
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

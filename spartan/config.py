@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .memory import IMPLEMENTATIONS, VALUE_INITS, validate_memory_shape
+from . import _validate as check
+from ._io import atomic_write_text
+from .memory import IMPLEMENTATIONS, VALUE_INITS, memory_parameter_count, validate_memory_shape
 
 ConfigT = TypeVar("ConfigT", bound="JsonConfig")
 
@@ -26,16 +28,22 @@ class JsonConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls: type[ConfigT], values: dict[str, Any]) -> ConfigT:
+    def from_dict(cls: type[ConfigT], values: Any) -> ConfigT:
+        if not isinstance(values, dict):
+            raise ValueError(f"a {cls.__name__} is a JSON object of its fields, got {type(values).__name__} {values!r}")
         cls._check_field_names(values)
         return cls(**values)
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls: type[ConfigT], path: str | os.PathLike) -> ConfigT:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        try:
+            values = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error})") from None
+        return cls.from_dict(values)
 
     @classmethod
     def _check_field_names(cls, values: dict[str, Any]) -> None:
@@ -49,10 +57,9 @@ class JsonConfig:
 class SpartanConfig(JsonConfig):
     """How the memories injected after each layer are shaped and trained.
 
-    Defaults are the SPARTAN paper's setting (16 parents x 3 children, top-8 parents, child-softmax
-    temperature 1.6), with the wrapped layers' normalisation layers trained too, as the original code
-    did: over three seeds of GLUE with all-MiniLM-L6-v2 that lifts MRPC from 79.3 to 81.4, costs SST-2 1.2
-    points and RTE 0.3, and leaves the three-task average 0.2 higher (benchmarks/results/glue_tuning.md).
+    The defaults are the SPARTAN paper's setting (16 parents x 3 children, top-8 parents,
+    child-softmax temperature 1.6), with the wrapped layers' normalisation layers trained too, as
+    the original code did. What other settings gave on GLUE: benchmarks/results/glue_tuning.md.
 
     Args:
         num_parents: parent cells P per layer; each token keeps the ``top_k`` best of them.
@@ -61,16 +68,18 @@ class SpartanConfig(JsonConfig):
         temperature: divides the child logits before their softmax.
         value_init: ``"zeros"`` (a fresh model equals the base model) or ``"normal"``
             (the paper's random initialisation).
-        implementation: ``"dense"``, ``"sparse"`` (gathered, for large memories) or
+        implementation: ``"dense"`` (exportable), ``"sparse"`` (gathered, for large memories) or
             ``"auto"`` (picked by size).
         aux_loss_weight: weight of the load-balancing loss added to the model's loss in training.
         layers: module path(s) of the layer list(s) to wrap, e.g. ``"bert.encoder.layer"``;
-            ``None`` finds them automatically.
+            ``None`` finds them automatically (every stack of an encoder-decoder model).
         modules_to_save: module paths trained and saved besides the memories (the task head);
             ``None`` detects the head (``classifier``, ``score``, ...).
         train_layer_norms: also train (and save with each task) the normalisation layers inside
             the wrapped layers (LayerNorm, RMSNorm), as the original SPARTAN code did; ``False``
             trains and stores the memories and the head alone.
+
+    Numbers may be given as strings (YAML reads ``3e-3`` as one) or NumPy scalars.
     """
 
     num_parents: int = 16
@@ -85,17 +94,18 @@ class SpartanConfig(JsonConfig):
     train_layer_norms: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.layers, str):
-            self.layers = [self.layers]
-        if isinstance(self.modules_to_save, str):
-            self.modules_to_save = [self.modules_to_save]
-        validate_memory_shape(self.num_parents, self.children_per_parent, self.top_k, self.temperature)
-        _check_choice("value_init", self.value_init, VALUE_INITS)
-        _check_choice("implementation", self.implementation, IMPLEMENTATIONS)
-        if self.aux_loss_weight < 0:
-            raise ValueError(f"aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
+        self.num_parents, self.children_per_parent, self.top_k, self.temperature = validate_memory_shape(
+            self.num_parents, self.children_per_parent, self.top_k, self.temperature
+        )
+        self.value_init = check.choice("value_init", self.value_init, VALUE_INITS)
+        self.implementation = check.choice("implementation", self.implementation, IMPLEMENTATIONS)
+        self.aux_loss_weight = check.number("aux_loss_weight", self.aux_loss_weight, minimum=0)
+        self.layers = check.string_list("layers", self.layers)
+        self.modules_to_save = check.string_list("modules_to_save", self.modules_to_save)
+        self.train_layer_norms = check.boolean("train_layer_norms", self.train_layer_norms)
 
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    def memory_parameters(self, hidden_size: int) -> int:
+        """Parameters of one memory of this shape at hidden size ``hidden_size`` (one wrapped layer)."""
+        return memory_parameter_count(
+            check.positive_int("hidden_size", hidden_size), self.num_parents, self.children_per_parent
+        )

@@ -1,35 +1,73 @@
-"""Inject memories after the layers of a frozen model: discovery, hooks, freezing, task switching."""
+"""Inject memories after the layers of a frozen model: discovery, hooks, freezing, task switching.
+
+Every task on a wrapped model owns its memories (one per wrapped layer) and its *task modules*:
+the head and, with ``train_layer_norms``, the wrapped layers' normalisation layers. The active
+task's modules sit at their places in the model; every other task's are registered under
+``model.spartan_task_modules``, so ``.to()``, ``state_dict()`` and ``parameters()`` see them.
+Tasks may have different label counts and problem types: each builds its own head.
+"""
 
 from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from . import _validate as check
 from .config import SpartanConfig
 from .memory import SparseHierarchicalMemory, load_balancing_loss
 
 MEMORIES_ATTRIBUTE = "spartan_memories"  # nn.ModuleDict on the model: task name -> one memory per layer
+PARKED_ATTRIBUTE = "spartan_task_modules"  # nn.ModuleDict: inactive task name -> its task modules
 STATE_ATTRIBUTE = "_spartan_state"
 DEFAULT_NAME = "default"
 # Direct children of a task model that form its task head (trained and saved with the memories).
 HEAD_NAMES = ("pre_classifier", "pooler", "classifier", "score", "qa_outputs")
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+# A layer list counts as a stack of Transformer layers beside the largest one when it holds at least
+# this share of the largest one's parameters (an encoder-decoder's encoder and decoder both do).
+STACK_SHARE = 0.1
+
+
+@dataclass(frozen=True)
+class TaskLabels:
+    """What a task's head predicts: ``num_labels`` outputs (1 for regression) and the problem type
+    (``"regression"``, ``"single_label_classification"``, ``"multi_label_classification"`` or None)."""
+
+    num_labels: int | None = None
+    problem_type: str | None = None
+    id2label: dict[int, str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_labels is not None:
+            object.__setattr__(self, "num_labels", check.positive_int("num_labels", self.num_labels))
+        if self.problem_type is not None:
+            check.choice("problem_type", self.problem_type, PROBLEM_TYPES)
+        if self.id2label is not None:
+            labels = {check.integer("id2label key", k, minimum=0): str(v) for k, v in dict(self.id2label).items()}
+            object.__setattr__(self, "id2label", labels)
+
+    def to_dict(self) -> dict[str, Any]:
+        labels = None if self.id2label is None else {str(k): v for k, v in self.id2label.items()}
+        return {"num_labels": self.num_labels, "problem_type": self.problem_type, "id2label": labels}
 
 
 @dataclass
 class _WrapState:
-    """What wrap_model changed on a model, and the task heads that are not installed right now."""
+    """What wrap_model changed on a model."""
 
     configs: dict[str, SpartanConfig]
+    labels: dict[str, TaskLabels]
     active: str
     layer_paths: list[str]
-    head_paths: list[str]  # every module trained and saved per task: the head, and norms with train_layer_norms
-    original_heads: dict[str, nn.Module]  # as the model had them before wrapping
-    parked_heads: dict[str, dict[str, nn.Module]]  # heads of the inactive tasks
+    module_paths: list[str]  # every module trained and saved per task: the head, and norms with train_layer_norms
+    original_modules: dict[str, nn.Module]  # as the model had them before wrapping
+    original_labels: TaskLabels  # what the model predicted before wrapping
     requires_grad: dict[str, bool]  # every backbone parameter's flag before wrapping
     mask_position: int | None  # where attention_mask sits among the model's positional arguments
     hook_handles: list[Any] = field(default_factory=list)
@@ -41,18 +79,32 @@ def is_wrapped(model: nn.Module) -> bool:
 
 
 def wrap_model(
-    model: nn.Module, config: SpartanConfig | None = None, *, name: str = DEFAULT_NAME, **overrides: Any
+    model: nn.Module,
+    config: SpartanConfig | None = None,
+    *,
+    name: str = DEFAULT_NAME,
+    num_labels: int | None = None,
+    problem_type: str | None = None,
+    id2label: dict[int, str] | None = None,
+    **overrides: Any,
 ) -> nn.Module:
     """Add a memory after every Transformer layer of ``model``, freeze the backbone, keep the head trainable.
 
-    Each layer's output hidden states ``h`` become ``h + memory(h)``. In training mode, the
-    load-balancing loss (weighted by ``config.aux_loss_weight``) is added to the model output's
-    ``loss``, so any training loop, the ``transformers`` Trainer included, optimises it.
+    Each layer's output hidden states ``h`` become ``h + memory(h)``. Every stack of layers is
+    wrapped (an encoder-decoder's encoder and decoder both). In training mode, the load-balancing
+    loss (weighted by ``config.aux_loss_weight``) is added to the model output's ``loss``, so any
+    training loop, the ``transformers`` Trainer included, optimises it.
+
+    A model whose layers are applied several times (ALBERT shares one layer across all its
+    applications) gets one memory per layer *module*, shared by all of that module's applications;
+    a warning says so.
 
     Args:
         model: a Hugging Face model (or any module with a list of layers and ``config.hidden_size``).
         config: the memories' settings; ``SpartanConfig()`` (the paper's) by default.
-        name: the task name of this memory (see ``add_memory`` and ``set_active_memory``).
+        name: the task name of this memory (letters, digits, ``_`` and ``-``).
+        num_labels, problem_type, id2label: give this task a head of its own size (its last linear
+            layer built anew) instead of the model's; by default the task keeps the model's head.
         **overrides: SpartanConfig fields to change, e.g. ``top_k=4``.
 
     Returns:
@@ -63,23 +115,27 @@ def wrap_model(
             "model is already wrapped by spartan: add another task with spartan.add_memory or "
             "spartan.load_memory, or call spartan.unwrap_model first"
         )
+    name = check.identifier("task name", name)
     config = (config or SpartanConfig()).replace(**overrides)
-    layer_paths = _find_layers(model, config.layers)
-    head_paths = _find_head(model, config.modules_to_save)
+    layer_paths = find_layers(model, config.layers)
+    module_paths = _find_head(model, config.modules_to_save)
     if config.train_layer_norms:
-        head_paths += _find_norms(model, layer_paths)
+        module_paths += _find_norms(model, layer_paths)
+    hidden_size = get_hidden_size(model)
     state = _WrapState(
         configs={name: config},
+        labels={name: _labels_of(model) if module_paths else TaskLabels()},
+        original_labels=_labels_of(model) if module_paths else TaskLabels(),
         active=name,
         layer_paths=layer_paths,
-        head_paths=head_paths,
-        original_heads={path: copy.deepcopy(model.get_submodule(path)) for path in head_paths},
-        parked_heads={},
+        module_paths=module_paths,
+        original_modules={path: copy.deepcopy(model.get_submodule(path)) for path in module_paths},
         requires_grad={param_name: p.requires_grad for param_name, p in model.named_parameters()},
         mask_position=_argument_position(model, "attention_mask"),
     )
-    hidden_size = _hidden_size(model)
+    _warn_if_shared_layers(model, layer_paths)
     model.add_module(MEMORIES_ATTRIBUTE, nn.ModuleDict({name: _build_memories(model, state, hidden_size, config)}))
+    model.add_module(PARKED_ATTRIBUTE, nn.ModuleDict())
     setattr(model, STATE_ATTRIBUTE, state)
     memories = getattr(model, MEMORIES_ATTRIBUTE)
     for index, path in enumerate(layer_paths):
@@ -87,16 +143,51 @@ def wrap_model(
         state.hook_handles.append(model.get_submodule(path).register_forward_hook(hook))
     state.hook_handles.append(model.register_forward_pre_hook(_make_mask_hook(state), with_kwargs=True))
     state.hook_handles.append(model.register_forward_hook(_add_auxiliary_loss, with_kwargs=True))
+    if num_labels is not None or problem_type is not None or id2label is not None:
+        _relabel_active_task(model, state, num_labels, problem_type, id2label)
     _set_trainable(model)
     return model
 
 
-def add_memory(model: nn.Module, name: str, config: SpartanConfig | None = None, **overrides: Any) -> nn.Module:
-    """Add another task's memories (and a fresh copy of the original head) to a wrapped model.
+def _relabel_active_task(
+    model: nn.Module, state: _WrapState, num_labels: int | None, problem_type: str | None, id2label: dict | None
+) -> None:
+    original = state.labels[state.active]
+    labels = TaskLabels(
+        num_labels if num_labels is not None else original.num_labels,
+        problem_type if (problem_type is not None or num_labels is not None) else original.problem_type,
+        id2label,
+    )
+    if labels.num_labels is not None and not state.module_paths:
+        raise ValueError(f"{type(model).__name__} has no task head to give {labels.num_labels} labels")
+    if labels.num_labels != original.num_labels:
+        modules = _fresh_task_modules(model, state, labels, original)
+        for path in state.module_paths:
+            _set_submodule(model, path, modules[_key(path)])
+    state.labels = {state.active: labels}
+    state.original_labels = original
+    _apply_labels(model, labels)
 
-    The new task is not activated: call ``set_active_memory(model, name)``.
+
+def add_memory(
+    model: nn.Module,
+    name: str,
+    config: SpartanConfig | None = None,
+    *,
+    num_labels: int | None = None,
+    problem_type: str | None = None,
+    id2label: dict[int, str] | None = None,
+    **overrides: Any,
+) -> nn.Module:
+    """Add another task's memories and task modules (fresh copies of the original head and norms).
+
+    ``num_labels`` (and ``problem_type``, ``id2label``) give the new task a head of its own size:
+    its last linear layer is built anew with that many outputs. By default the task predicts what
+    the model did before it was wrapped. The new task is not activated: call
+    ``set_active_memory(model, name)``.
     """
     state = _state(model)
+    name = check.identifier("task name", name)
     if name in state.configs:
         raise ValueError(f"model already has a memory named {name!r}; choose another name")
     config = (config or SpartanConfig()).replace(**overrides)
@@ -112,37 +203,51 @@ def add_memory(model: nn.Module, name: str, config: SpartanConfig | None = None,
             f"first memory's value ({first.train_layer_norms}) when adding a memory"
         )
     config = config.replace(layers=first.layers, modules_to_save=first.modules_to_save)
-    getattr(model, MEMORIES_ATTRIBUTE)[name] = _build_memories(model, state, _hidden_size(model), config)
+    original_labels = _labels_of_originals(model, state)
+    labels = TaskLabels(
+        num_labels if num_labels is not None else original_labels.num_labels,
+        problem_type if (problem_type is not None or num_labels is not None) else original_labels.problem_type,
+        id2label,
+    )
+    if labels.num_labels is not None and not state.module_paths:
+        raise ValueError(f"{type(model).__name__} has no task head to give {labels.num_labels} labels")
+    modules = _fresh_task_modules(model, state, labels, original_labels)
+    getattr(model, MEMORIES_ATTRIBUTE)[name] = _build_memories(model, state, get_hidden_size(model), config)
+    getattr(model, PARKED_ATTRIBUTE)[name] = modules
     state.configs[name] = config
-    state.parked_heads[name] = {path: copy.deepcopy(head) for path, head in state.original_heads.items()}
+    state.labels[name] = labels
     _set_trainable(model)
     return model
 
 
 def set_active_memory(model: nn.Module, name: str) -> None:
-    """Make task ``name``'s memories and head the ones the model uses (and trains)."""
+    """Make task ``name``'s memories, task modules and label count the ones the model uses (and trains)."""
     state = _state(model)
-    if name not in state.configs:
-        raise ValueError(f"no memory named {name!r}; this model has {sorted(state.configs)}")
+    name = _resolve_name(state, name)
     if name == state.active:
         return
-    state.parked_heads[state.active] = {path: model.get_submodule(path) for path in state.head_paths}
-    device = next(getattr(model, MEMORIES_ATTRIBUTE)[name].parameters()).device
-    for path, head in state.parked_heads.pop(name).items():
-        _set_submodule(model, path, head.to(device))
+    parked = getattr(model, PARKED_ATTRIBUTE)
+    current = nn.ModuleDict({_key(path): model.get_submodule(path) for path in state.module_paths})
+    incoming = parked[name]
+    del parked[name]
+    for path in state.module_paths:
+        _set_submodule(model, path, incoming[_key(path)])
+    parked[state.active] = current
     state.active = name
+    _apply_labels(model, state.labels[name])
     _set_trainable(model)
 
 
 def remove_memory(model: nn.Module, name: str) -> None:
-    """Delete an inactive task's memories and head."""
+    """Delete an inactive task's memories and task modules."""
     state = _state(model)
     _resolve_name(state, name)
     if name == state.active:
         raise ValueError(f"{name!r} is the active memory: activate another with set_active_memory first")
     del getattr(model, MEMORIES_ATTRIBUTE)[name]
+    del getattr(model, PARKED_ATTRIBUTE)[name]
     del state.configs[name]
-    del state.parked_heads[name]
+    del state.labels[name]
 
 
 def active_memory_name(model: nn.Module) -> str:
@@ -158,6 +263,12 @@ def get_config(model: nn.Module, name: str | None = None) -> SpartanConfig:
     return state.configs[_resolve_name(state, name)]
 
 
+def get_task_labels(model: nn.Module, name: str | None = None) -> TaskLabels:
+    """The label count, problem type and label names of task ``name`` (the active task by default)."""
+    state = _state(model)
+    return state.labels[_resolve_name(state, name)]
+
+
 def get_memories(model: nn.Module, name: str | None = None) -> nn.ModuleList:
     """The memories of task ``name`` (the active task by default), one per wrapped layer."""
     return getattr(model, MEMORIES_ATTRIBUTE)[_resolve_name(_state(model), name)]
@@ -166,6 +277,21 @@ def get_memories(model: nn.Module, name: str | None = None) -> nn.ModuleList:
 def get_layer_paths(model: nn.Module) -> list[str]:
     """Module paths of the wrapped layers, in order."""
     return list(_state(model).layer_paths)
+
+
+def get_task_module_paths(model: nn.Module) -> list[str]:
+    """Module paths of the modules every task owns a copy of: the head, then the trained norms."""
+    return list(_state(model).module_paths)
+
+
+def get_task_modules(model: nn.Module, name: str | None = None) -> dict[str, nn.Module]:
+    """Task ``name``'s own modules (the active task's by default), by their path in the model."""
+    state = _state(model)
+    name = _resolve_name(state, name)
+    if name == state.active:
+        return {path: model.get_submodule(path) for path in state.module_paths}
+    parked = getattr(model, PARKED_ATTRIBUTE)[name]
+    return {path: parked[_key(path)] for path in state.module_paths}
 
 
 def find_head(model: nn.Module) -> list[str]:
@@ -177,7 +303,42 @@ def find_head(model: nn.Module) -> list[str]:
 def find_layer_norms(model: nn.Module, layers: list[str] | None = None) -> list[str]:
     """Module paths of the normalisation layers inside the model's Transformer layers: the ones that
     ``SpartanConfig(train_layer_norms=True)`` trains. ``layers`` as in ``SpartanConfig.layers``."""
-    return _find_norms(model, _find_layers(model, layers))
+    return _find_norms(model, find_layers(model, layers))
+
+
+def find_layers(model: nn.Module, layers: list[str] | str | None = None) -> list[str]:
+    """Module paths of the layers to wrap: those of the given layer lists (``SpartanConfig.layers``),
+    or of every stack of identical blocks the model has (``bert.encoder.layer``; ``encoder.block`` and
+    ``decoder.block`` of T5; ``model.layers``; ...)."""
+    how_to_fix = "pass the layer list's module path, e.g. SpartanConfig(layers='bert.encoder.layer')"
+    paths = check.string_list("layers", layers)
+    if paths is None:
+        paths = _find_stacks(model)
+        if not paths:
+            raise ValueError(f"found no list of Transformer layers in {type(model).__name__}: {how_to_fix}")
+    layer_paths = []
+    for path in paths:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            raise ValueError(f"{type(model).__name__} has no module {path!r}: {how_to_fix}") from None
+        if isinstance(module, (nn.ModuleList, nn.Sequential)):
+            layer_paths += [f"{path}.{index}" for index in range(len(module))]
+        else:
+            layer_paths.append(path)
+    if not layer_paths:
+        raise ValueError(f"the module list(s) {paths} hold no layers: {how_to_fix}")
+    return layer_paths
+
+
+def get_hidden_size(model: nn.Module) -> int:
+    """The hidden size of ``model`` (``config.hidden_size``, or ``d_model`` / ``n_embd``)."""
+    config = getattr(model, "config", None)
+    for attribute in ("hidden_size", "d_model", "n_embd"):
+        value = getattr(config, attribute, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    raise ValueError(f"cannot tell the hidden size of {type(model).__name__}: it needs config.hidden_size")
 
 
 def get_attention_mask(model: nn.Module) -> Tensor | None:
@@ -186,13 +347,19 @@ def get_attention_mask(model: nn.Module) -> Tensor | None:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Remove all memories and hooks, restore the original head and requires_grad flags."""
+    """Remove all memories and hooks, restore the original head (on the device and in the dtype
+    the model has now) and the requires_grad flags."""
     state = _state(model)
     for handle in state.hook_handles:
         handle.remove()
-    for path, head in state.original_heads.items():
-        _set_submodule(model, path, head)
+    _apply_labels(model, _labels_of_originals(model, state))
+    for path, original in state.original_modules.items():
+        reference = next(model.get_submodule(path).parameters(), None)
+        if reference is not None:
+            original = original.to(device=reference.device, dtype=reference.dtype)
+        _set_submodule(model, path, original)
     delattr(model, MEMORIES_ATTRIBUTE)
+    delattr(model, PARKED_ATTRIBUTE)
     delattr(model, STATE_ATTRIBUTE)
     for param_name, param in model.named_parameters():
         param.requires_grad_(state.requires_grad.get(param_name, True))
@@ -200,12 +367,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def task_state_dict(model: nn.Module, name: str | None = None) -> dict[str, Tensor]:
-    """Everything one task owns: ``memories.<layer>.<param>`` and ``head.<module path>.<param>``."""
-    state = _state(model)
-    name = _resolve_name(state, name)
+    """Everything one task owns: ``memories.<layer>.<param>`` and ``modules.<module path>.<param>``."""
+    name = _resolve_name(_state(model), name)
     tensors = {f"memories.{key}": value for key, value in get_memories(model, name).state_dict().items()}
-    for path, head in _heads(model, state, name).items():
-        tensors.update({f"head.{path}.{key}": value for key, value in head.state_dict().items()})
+    for path, module in get_task_modules(model, name).items():
+        tensors.update({f"modules.{path}.{key}": value for key, value in module.state_dict().items()})
     return tensors
 
 
@@ -227,13 +393,15 @@ def auxiliary_loss(model: nn.Module) -> Tensor:
 
 def trainable_parameters(model: nn.Module) -> dict[str, float]:
     """Trainable and total parameters of the model as it runs now (inactive tasks left out),
-    their ratio, and the bytes of the weights a saved task checkpoint holds."""
+    their ratio, and the bytes of the weights a saved task checkpoint holds. The package's one
+    parameter count."""
     inactive: set[int] = set()
     if is_wrapped(model):
         state = _state(model)
         for name, memories in getattr(model, MEMORIES_ATTRIBUTE).items():
             if name != state.active:
                 inactive.update(id(p) for p in memories.parameters())
+        inactive.update(id(p) for p in getattr(model, PARKED_ATTRIBUTE).parameters())
     params = [p for p in model.parameters() if id(p) not in inactive]
     trainable = sum(p.numel() for p in params if p.requires_grad)
     total = sum(p.numel() for p in params)
@@ -250,11 +418,28 @@ def trainable_parameters(model: nn.Module) -> dict[str, float]:
 
 
 def print_trainable_parameters(model: nn.Module) -> None:
+    """One line of counts (as peft prints them); for a wrapped model, a second line naming the
+    layers that carry memories and the task."""
     stats = trainable_parameters(model)
     print(
         f"trainable params: {stats['trainable_params']:,} || all params: {stats['total_params']:,} || "
-        f"trainable%: {100 * stats['trainable_ratio']:.4f} || checkpoint: {_format_bytes(stats['checkpoint_bytes'])}"
+        f"trainable%: {100 * stats['trainable_ratio']:.4f} || checkpoint: {format_bytes(stats['checkpoint_bytes'])}"
     )
+    if is_wrapped(model):
+        state = _state(model)
+        print(
+            f"task {state.active!r} of {sorted(state.configs)}: memories after {len(state.layer_paths)} layers "
+            f"({_summarise_paths(state.layer_paths)})"
+        )
+
+
+def format_bytes(num_bytes: float) -> str:
+    """``1536`` -> ``"1.5 KB"`` (binary units, as the parameter report prints them)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if num_bytes < 1024 or unit == "GB":
+            return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{int(num_bytes)} B"
+        num_bytes /= 1024
+    raise AssertionError("unreachable")
 
 
 # -- internals -------------------------------------------------------------------------------
@@ -274,39 +459,35 @@ def _resolve_name(state: _WrapState, name: str | None) -> str:
     return name
 
 
-def _heads(model: nn.Module, state: _WrapState, name: str) -> dict[str, nn.Module]:
-    if name == state.active:
-        return {path: model.get_submodule(path) for path in state.head_paths}
-    return state.parked_heads[name]
+def _key(path: str) -> str:
+    """A module path as a ModuleDict key (no dots)."""
+    return path.replace(".", "-")
 
 
-def _find_layers(model: nn.Module, paths: list[str] | None) -> list[str]:
-    """Module paths of the layers to wrap: the given layer lists, or the model's largest list of
-    identical blocks (``bert.encoder.layer``, ``transformer.h``, ``model.layers``, ...)."""
-    how_to_fix = "pass the layer list's module path, e.g. SpartanConfig(layers='bert.encoder.layer')"
-    if paths is None:
-        best, best_size = None, 0
-        for path, module in model.named_modules():
-            if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
-                size = sum(p.numel() for p in module.parameters())
-                if size > best_size:
-                    best, best_size = path, size
-        if best is None:
-            raise ValueError(f"found no list of Transformer layers in {type(model).__name__}: {how_to_fix}")
-        paths = [best]
-    layer_paths = []
-    for path in paths:
-        try:
-            module = model.get_submodule(path)
-        except AttributeError:
-            raise ValueError(f"{type(model).__name__} has no module {path!r}: {how_to_fix}") from None
-        if isinstance(module, (nn.ModuleList, nn.Sequential)):
-            layer_paths += [f"{path}.{index}" for index in range(len(module))]
-        else:
-            layer_paths.append(path)
-    if not layer_paths:
-        raise ValueError(f"the module list(s) {paths} hold no layers: {how_to_fix}")
-    return layer_paths
+def _find_stacks(model: nn.Module) -> list[str]:
+    """Every outermost list of identical blocks holding at least STACK_SHARE of the largest one's parameters."""
+    candidates: list[tuple[str, int]] = []
+    for path, module in model.named_modules():
+        if not (isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1):
+            continue
+        if any(path.startswith(f"{outer}.") for outer, _ in candidates):
+            continue  # inside a block of a list already found
+        candidates.append((path, sum(p.numel() for p in module.parameters())))
+    if not candidates:
+        return []
+    largest = max(size for _, size in candidates)
+    return [path for path, size in candidates if size > 0 and size >= STACK_SHARE * largest]
+
+
+def _warn_if_shared_layers(model: nn.Module, layer_paths: list[str]) -> None:
+    applications = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if isinstance(applications, int) and getattr(model.config, "model_type", "") == "albert":
+        if applications > len(layer_paths):
+            warnings.warn(
+                f"{type(model).__name__} applies its {len(layer_paths)} shared layer module(s) {applications} times: "
+                "each memory is shared by every application of its layer",
+                stacklevel=3,
+            )
 
 
 def _find_head(model: nn.Module, paths: list[str] | None) -> list[str]:
@@ -343,11 +524,78 @@ def _find_norms(model: nn.Module, layer_paths: list[str]) -> list[str]:
     ]
 
 
-def _hidden_size(model: nn.Module) -> int:
-    hidden_size = getattr(getattr(model, "config", None), "hidden_size", None)
-    if not isinstance(hidden_size, int):
-        raise ValueError(f"cannot tell the hidden size of {type(model).__name__}: it needs config.hidden_size")
-    return hidden_size
+def _labels_of(model: nn.Module) -> TaskLabels:
+    config = getattr(model, "config", None)
+    num_labels = getattr(config, "num_labels", None)
+    id2label = getattr(config, "id2label", None)
+    return TaskLabels(
+        num_labels if isinstance(num_labels, int) and num_labels > 0 else None,
+        getattr(config, "problem_type", None),
+        dict(id2label) if isinstance(id2label, dict) and id2label else None,
+    )
+
+
+def _labels_of_originals(model: nn.Module, state: _WrapState) -> TaskLabels:
+    """The labels the model predicted before wrapping."""
+    return state.original_labels
+
+
+def _apply_labels(model: nn.Module, labels: TaskLabels) -> None:
+    """Make the model's loss and config follow the active task's label count and problem type."""
+    config = getattr(model, "config", None)
+    if labels.num_labels is None or config is None:
+        return
+    config.id2label = labels.id2label or {i: f"LABEL_{i}" for i in range(labels.num_labels)}
+    config.label2id = {label: index for index, label in config.id2label.items()}
+    config.problem_type = labels.problem_type
+    if hasattr(model, "num_labels"):
+        model.num_labels = labels.num_labels
+
+
+def _fresh_task_modules(
+    model: nn.Module, state: _WrapState, labels: TaskLabels, original: TaskLabels
+) -> nn.ModuleDict:
+    """Copies of the original task modules, on the model's device and dtype; the head's last linear
+    layer with ``original.num_labels`` outputs is built anew when ``labels`` asks for another count."""
+    modules = nn.ModuleDict()
+    resize = labels.num_labels is not None and labels.num_labels != original.num_labels
+    norms = set(_find_norms(model, state.layer_paths))
+    resized = False
+    for path, module in state.original_modules.items():
+        fresh = copy.deepcopy(module)
+        current = next(model.get_submodule(path).parameters(), None)
+        if current is not None:
+            fresh = fresh.to(device=current.device, dtype=current.dtype)
+        if resize and path not in norms:
+            replaced = _with_outputs(model, fresh, original.num_labels, labels.num_labels)
+            resized, fresh = resized or replaced is not None, replaced or fresh
+        modules[_key(path)] = fresh
+    if resize and not resized:
+        raise ValueError(
+            f"cannot give {type(model).__name__}'s head {labels.num_labels} outputs: no linear layer of its head "
+            f"has the model's {original.num_labels} outputs"
+        )
+    return modules
+
+
+def _with_outputs(model: nn.Module, head: nn.Module, old: int | None, new: int) -> nn.Module | None:
+    """``head`` with its last linear layer of ``old`` outputs replaced by a fresh one of ``new``
+    outputs (None when it has no such layer)."""
+    linears = [(name, m) for name, m in head.named_modules() if isinstance(m, nn.Linear) and m.out_features == old]
+    if not linears:
+        return None
+    name, linear = linears[-1]
+    replacement = nn.Linear(
+        linear.in_features, new, bias=linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype
+    )
+    std = getattr(getattr(model, "config", None), "initializer_range", 0.02)
+    nn.init.normal_(replacement.weight, std=std if isinstance(std, float) else 0.02)
+    if replacement.bias is not None:
+        nn.init.zeros_(replacement.bias)
+    if not name:  # the head is the linear layer itself
+        return replacement
+    _set_submodule(head, name, replacement)
+    return head
 
 
 def _build_memories(model: nn.Module, state: _WrapState, hidden_size: int, config: SpartanConfig) -> nn.ModuleList:
@@ -371,11 +619,11 @@ def _build_memories(model: nn.Module, state: _WrapState, hidden_size: int, confi
 
 
 def _set_trainable(model: nn.Module) -> None:
-    """Freeze everything but the active task's memories and head."""
+    """Freeze everything but the active task's memories and task modules."""
     state = _state(model)
     model.requires_grad_(False)
     getattr(model, MEMORIES_ATTRIBUTE)[state.active].requires_grad_(True)
-    for path in state.head_paths:
+    for path in state.module_paths:
         model.get_submodule(path).requires_grad_(True)
 
 
@@ -402,6 +650,18 @@ def _make_mask_hook(state: _WrapState):
     return capture_attention_mask
 
 
+def _auxiliary_share(kwargs: dict) -> Tensor | float:
+    """This forward's share of the loss's items when the caller (the ``transformers`` Trainer with
+    loss kwargs) passes ``num_items_in_batch`` and sums the micro-batches' losses instead of
+    averaging them; 1 otherwise. The weight of the load-balancing loss then means the same in
+    every loop, whatever the gradient accumulation."""
+    total, labels = kwargs.get("num_items_in_batch"), kwargs.get("labels")
+    if total is None or not isinstance(labels, Tensor):
+        return 1.0
+    counted = labels if labels.dim() < 2 else labels[..., 1:]  # token labels are counted shifted, as the Trainer does
+    return counted.ne(-100).sum() / total
+
+
 def _add_auxiliary_loss(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
     state = _state(module)
     if not module.training or state.configs[state.active].aux_loss_weight == 0:
@@ -409,11 +669,11 @@ def _add_auxiliary_loss(module: nn.Module, args: tuple, kwargs: dict, output: An
     if isinstance(output, tuple):  # return_dict=False: the loss comes first when labels were given
         if kwargs.get("labels") is None or not output:
             return None
-        return (output[0] + auxiliary_loss(module), *output[1:])
+        return (output[0] + _auxiliary_share(kwargs) * auxiliary_loss(module), *output[1:])
     loss = getattr(output, "loss", None)
     if loss is None:
         return None
-    output.loss = loss + auxiliary_loss(module)  # a ModelOutput keeps its dict view in step
+    output.loss = loss + _auxiliary_share(kwargs) * auxiliary_loss(module)  # a ModelOutput keeps its dict view
     return output
 
 
@@ -431,9 +691,18 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_path) if parent_path else model, child_name, module)
 
 
-def _format_bytes(num_bytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if num_bytes < 1024 or unit == "GB":
-            return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{int(num_bytes)} B"
-        num_bytes /= 1024
-    raise AssertionError("unreachable")
+def _summarise_paths(paths: list[str]) -> str:
+    """``a.0, a.1, a.2, b.0`` -> ``a.0-2, b.0``."""
+    groups: dict[str, list[str]] = {}
+    for path in paths:
+        stem, _, index = path.rpartition(".")
+        groups.setdefault(stem if index.isdigit() else path, []).append(index if index.isdigit() else "")
+    parts = []
+    for stem, indices in groups.items():
+        if indices == [""]:
+            parts.append(stem)
+        elif len(indices) == 1:
+            parts.append(f"{stem}.{indices[0]}")
+        else:
+            parts.append(f"{stem}.{indices[0]}-{indices[-1]}")
+    return ", ".join(parts)

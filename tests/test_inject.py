@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import ARCHITECTURES, batch, tiny, tiny_bert_without_dropout, tiny_llama_lm
+from tests.tiny_models import ARCHITECTURES, batch, tiny, tiny_bert_without_dropout, tiny_llama_lm
 
 import spartan
 
@@ -18,7 +18,7 @@ def test_wrap_train_unwrap(architecture):
     assert len(spartan.get_memories(model)) == 2
     assert torch.equal(model(**inputs).logits, base_logits)  # zero-initialised values read nothing
 
-    head_params = {f"{path}." for path in spartan.inject._state(model).head_paths}
+    head_params = {f"{path}." for path in spartan.get_task_module_paths(model)}
     for name, param in model.named_parameters():
         expected = name.startswith("spartan_memories.") or any(name.startswith(h) for h in head_params)
         assert param.requires_grad == expected, name
@@ -84,14 +84,14 @@ def test_decoder_language_model_gets_memories_and_no_head():
     model = tiny_llama_lm()
     spartan.wrap_model(model)
     norms = [f"model.layers.{i}.{name}" for i in range(2) for name in ("input_layernorm", "post_attention_layernorm")]
-    assert spartan.inject._state(model).head_paths == norms  # the trained norms, and no head
+    assert spartan.get_task_module_paths(model) == norms  # the trained norms, and no head
     stats = spartan.trainable_parameters(model)
     assert stats["trainable_params"] == 2 * (16 * 32 + 2 * 16 * 3 * 32) + 4 * 32  # RMSNorms: a weight each
     ids = batch()["input_ids"]
     model.train()
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
-    assert model.spartan_memories["default"][0].child_values.grad is not None
+    assert model.spartan_memories["default"][0].values.grad is not None
 
 
 def test_layers_and_modules_to_save_overrides():
@@ -150,11 +150,88 @@ def test_train_layer_norms_trains_each_wrapped_layers_norms(architecture, norms_
         tiny(architecture), num_parents=4, children_per_parent=2, top_k=2, train_layer_norms=True
     )
     layers = spartan.get_layer_paths(model)
-    norms = [path for path in spartan.inject._state(model).head_paths if path.startswith(tuple(layers))]
+    norms = [path for path in spartan.get_task_module_paths(model) if path.startswith(tuple(layers))]
     assert len(norms) == norms_per_layer * len(layers)
     assert spartan.find_layer_norms(tiny(architecture)) == norms  # the same paths, without wrapping
     for path in norms:
         assert all(p.requires_grad for p in model.get_submodule(path).parameters()), path
-    assert any(key.startswith(f"head.{norms[0]}.") for key in spartan.task_state_dict(model))
+    assert any(key.startswith(f"modules.{norms[0]}.") for key in spartan.task_state_dict(model))
     with pytest.raises(ValueError, match="train_layer_norms"):
         spartan.add_memory(model, "other", train_layer_norms=False)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(aux_loss_weight=float("nan")), "aux_loss_weight"),
+        (dict(aux_loss_weight=float("inf")), "aux_loss_weight"),
+        (dict(train_layer_norms="no"), "train_layer_norms"),
+        (dict(layers=123), "layers"),
+        (dict(temperature=True), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(top_k="eight"), "top_k"),
+    ],
+)
+def test_config_refuses_bad_values_naming_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field) as error:
+        spartan.SpartanConfig(**overrides)
+    assert "\n" not in str(error.value)
+
+
+def test_config_takes_numpy_and_string_numbers():
+    import numpy as np
+
+    config = spartan.SpartanConfig(num_parents=np.int64(16), top_k="4", temperature="1.6", aux_loss_weight="1e-2")
+    assert (config.num_parents, config.top_k, config.temperature, config.aux_loss_weight) == (16, 4, 1.6, 0.01)
+    assert type(config.num_parents) is int
+    assert config.memory_parameters(32) == 16 * 32 + 2 * 16 * 3 * 32
+
+
+def test_every_stack_of_an_encoder_decoder_is_wrapped():
+    from transformers import BartConfig, BartForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BartConfig(
+        vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
+    )
+    model = BartForSequenceClassification(config).eval()
+    ids = torch.randint(3, 99, (2, 6))
+    ids[:, -1] = config.eos_token_id
+    base = model(input_ids=ids).logits
+    spartan.wrap_model(model, num_parents=4, children_per_parent=2, top_k=2)
+    assert spartan.get_layer_paths(model) == [
+        "model.encoder.layers.0", "model.encoder.layers.1", "model.decoder.layers.0", "model.decoder.layers.1",
+    ]
+    assert torch.equal(model(input_ids=ids).logits, base)
+
+
+def test_shared_layers_are_stated():
+    from transformers import AlbertConfig, AlbertForSequenceClassification
+
+    config = AlbertConfig(
+        vocab_size=99, embedding_size=16, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+        intermediate_size=48,
+    )
+    with pytest.warns(UserWarning, match="shared by every application"):
+        spartan.wrap_model(AlbertForSequenceClassification(config), num_parents=4, top_k=2)
+
+
+def test_trainer_loss_kwargs_scale_the_load_balancing_loss_by_the_micro_batch_share():
+    model = tiny_bert_without_dropout()
+    inputs = batch()
+    spartan.wrap_model(model, aux_loss_weight=0.5, value_init="normal")
+    model.eval()
+    task_loss = model(**inputs).loss
+    model.train()
+    whole = model(**inputs).loss
+    aux = spartan.auxiliary_loss(model)
+    half = model(**inputs, num_items_in_batch=torch.tensor(2 * len(inputs["labels"]))).loss
+    torch.testing.assert_close(whole, task_loss + aux)
+    torch.testing.assert_close(half, task_loss + aux / 2)
+
+
+def test_parameter_report_names_the_wrapped_layers(capsys):
+    model = spartan.wrap_model(tiny("bert"))
+    spartan.print_trainable_parameters(model)
+    assert "memories after 2 layers (bert.encoder.layer.0-1)" in capsys.readouterr().out
