@@ -1,8 +1,9 @@
-"""The Accelerate training loop: learning, reproducibility, resume, best checkpoint, early stopping,
+"""The Accelerate training loop: learning, reproducibility, resume, best checkpoint, early stopping, config checks,
 gradient accumulation, logs, errors, two processes; and the transformers Trainer on a wrapped model."""
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import tiny, tiny_bert_without_dropout
-from toy_data import accuracy, toy_dataset
+from tests.tiny_models import tiny, tiny_bert_without_dropout
+from tests.toy_data import accuracy, toy_dataset
 
 import spartan
 from spartan.training import TrainingConfig, padding_collator, train
@@ -103,6 +104,25 @@ def test_same_seed_gives_identical_runs(tmp_path):
         weights.append(trainable(model))
     assert evaluations(results[0]) == evaluations(results[1])
     assert_same_tensors(weights[1], weights[0])
+
+
+def test_train_seeds_what_it_draws(tmp_path):
+    """train() seeds Python, NumPy and torch before it makes anything: the dropout masks and the data
+    order repeat whatever the global generators held before the call; another seed gives another run."""
+    logs, weights = [], []
+    for index, (name, seed) in enumerate([("first", 42), ("second", 42), ("other_seed", 7)]):
+        model = wrapped_bert()  # built identically (tiny() seeds torch), then the global generators differ
+        torch.manual_seed(100 + index)
+        np.random.seed(100 + index)
+        random.seed(100 + index)
+        config = settings(tmp_path, name, seed=seed, max_steps=4, eval_every_steps=2)
+        result = train(model, toy_dataset(64), toy_dataset(32, seed=1), config, compute_metrics=accuracy)
+        logs.append([{k: v for k, v in record.items() if k != "time"} for record in result.log_history])
+        weights.append(trainable(model))
+    assert logs[0] == logs[1] and len(logs[0]) == 4  # losses at steps 2 and 4, evaluations at steps 2 and 4
+    assert_same_tensors(weights[1], weights[0])
+    assert logs[2] != logs[0]
+    assert any(not torch.equal(weights[2][name], value) for name, value in weights[0].items())
 
 
 class Interrupted(Exception):
@@ -236,14 +256,14 @@ def test_padding_collator():
 def test_parameter_learning_rates(tmp_path):
     model = wrapped_bert()
     before = trainable(model)
-    config = settings(tmp_path, max_steps=4, parameter_learning_rates={"*LayerNorm*": 1e-12, "*child_values": 1e-1})
+    config = settings(tmp_path, max_steps=4, parameter_learning_rates={"*LayerNorm*": 1e-12, "*memories*.values": 1e-1})
     train(model, toy_dataset(64), config=config)
     change = {name: (p - before[name]).abs().max().item() for name, p in trainable(model).items()}
     norms = [name for name in change if "LayerNorm" in name]
     assert norms and max(change[name] for name in norms) < 1e-10
-    # Adam moves each parameter by about its learning rate per update: 0.1 for the values, 0.05 elsewhere
-    values = [change[name] for name in change if name.endswith("child_values")]
-    keys = [change[name] for name in change if name.endswith("parent_keys")]
+    # Adam moves each parameter by about its learning rate per update: 0.1 for the memory values, 0.05 elsewhere
+    values = [change[name] for name in change if name.startswith("spartan_memories.") and name.endswith(".values")]
+    keys = [change[name] for name in change if name.startswith("spartan_memories.") and name.endswith(".keys")]
     assert values and keys and min(values) > max(keys) * 1.5
     with pytest.raises(ValueError, match=r"\['\*adapter\*'\] match no trainable parameter"):
         train(model, toy_dataset(16), config=settings(tmp_path, "bad", parameter_learning_rates={"*adapter*": 1e-3}))
@@ -272,11 +292,53 @@ def test_config_json_round_trip(tmp_path):
         ({"seed": -1}, "seed"),
         ({"output_dir": ""}, "output_dir"),
         ({"parameter_learning_rates": {"*LayerNorm*": 0}}, "parameter_learning_rates"),
+        ({"parameter_learning_rates": [1]}, r"parameter_learning_rates must be a dict \{pattern: rate\}"),
+        ({"parameter_learning_rates": {"": 1e-3}}, "parameter_learning_rates keys"),
+        ({"batch_size": True}, "batch_size must be an integer"),
+        ({"learning_rate": True}, "learning_rate must be a finite number"),
+        ({"learning_rate": float("nan")}, "learning_rate must be a finite number"),
+        ({"learning_rate": "fast"}, "learning_rate must be a finite number"),
+        ({"max_grad_norm": float("inf")}, "max_grad_norm"),
+        ({"weight_decay": float("-inf")}, "weight_decay"),
+        ({"seed": 2**32}, "seed"),
+        ({"num_workers": -1}, "num_workers"),
+        ({"eval_every_steps": 1.5}, "eval_every_steps"),
+        ({"resume": "no"}, "resume must be True or False"),
+        ({"greater_is_better": "no"}, "greater_is_better must be True or False"),
+        ({"progress": "no"}, "progress must be True or False"),
+        ({"metric_for_best": ""}, "metric_for_best"),
+        ({"output_dir": None}, "output_dir"),
     ],
 )
 def test_bad_config_values_are_refused(overrides, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as error:
         TrainingConfig(**({"output_dir": "runs/x"} | overrides))
+    assert "\n" not in str(error.value)  # one line, naming the field
+
+
+def test_config_values_are_normalised(tmp_path):
+    """Numbers as YAML strings or NumPy scalars become Python ints and floats, and round-trip through JSON."""
+    config = TrainingConfig(
+        output_dir=tmp_path / "run",
+        learning_rate="3e-3",
+        parameter_learning_rates={"*LayerNorm*": "1e-4"},
+        batch_size=np.int64(8),
+        max_steps=np.int32(5),
+        seed=np.uint32(7),
+        warmup_ratio=0,
+        max_grad_norm=np.float32(0.5),
+        greater_is_better=False,
+    )
+    assert (config.learning_rate, config.parameter_learning_rates) == (0.003, {"*LayerNorm*": 1e-4})
+    assert (config.batch_size, config.max_steps, config.seed, config.warmup_ratio) == (8, 5, 7, 0.0)
+    assert config.greater_is_better is False and config.max_grad_norm == 0.5
+    for name in ("batch_size", "max_steps", "seed"):
+        assert type(getattr(config, name)) is int, name
+    for name in ("learning_rate", "warmup_ratio", "max_grad_norm"):
+        assert type(getattr(config, name)) is float, name
+    assert config.output_dir == str(tmp_path / "run")
+    config.save(tmp_path / "config.json")
+    assert TrainingConfig.load(tmp_path / "config.json") == config
 
 
 def test_clear_errors(tmp_path):
