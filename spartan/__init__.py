@@ -1,18 +1,27 @@
 """spartan: sparse hierarchical memories for parameter-efficient fine-tuning of frozen Transformers."""
 
+from importlib.metadata import PackageNotFoundError, version
+
 from . import analysis
 from .analysis import RoutingStats, collect_routing
-from .checkpoint import load_memory, read_checkpoint, save_memory
+from .checkpoint import load_memory, load_task_weights, read_checkpoint, save_memory
 from .config import SpartanConfig
 from .inject import (
+    TaskLabels,
     active_memory_name,
     add_memory,
     auxiliary_loss,
     find_head,
     find_layer_norms,
+    find_layers,
+    format_bytes,
     get_config,
+    get_hidden_size,
     get_layer_paths,
     get_memories,
+    get_task_labels,
+    get_task_module_paths,
+    get_task_modules,
     is_wrapped,
     memory_names,
     print_trainable_parameters,
@@ -26,13 +35,17 @@ from .inject import (
 from .memory import Routing, SparseHierarchicalMemory, load_balancing_loss
 from .training import TrainingConfig, TrainResult, padding_collator, train
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("spartan")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "Routing",
     "RoutingStats",
     "SparseHierarchicalMemory",
     "SpartanConfig",
+    "TaskLabels",
     "TrainResult",
     "TrainingConfig",
     "active_memory_name",
@@ -41,12 +54,19 @@ __all__ = [
     "collect_routing",
     "find_head",
     "find_layer_norms",
+    "find_layers",
+    "format_bytes",
     "get_config",
+    "get_hidden_size",
     "get_layer_paths",
     "get_memories",
+    "get_task_labels",
+    "get_task_module_paths",
+    "get_task_modules",
     "is_wrapped",
     "load_balancing_loss",
     "load_memory",
+    "load_task_weights",
     "memory_names",
     "padding_collator",
     "print_trainable_parameters",

