@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import spartan
+from spartan._io import atomic_write
 
 NUM_LABELS = 2
 TASK = "task"  # adapter name used for the adapters library
@@ -115,23 +116,41 @@ class Method:
     writes_backbone: bool = False  # trains or merges into the backbone's weights: needs a private copy of them
 
 
-def _head(model: nn.Module) -> nn.Module:
-    return model.classifier
+def head_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's task head, as ``spartan.find_head`` finds it: module path -> module."""
+    return {path: model.get_submodule(path) for path in spartan.find_head(model)}
+
+
+def head_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for head in head_modules(model).values() for p in head.parameters())
 
 
 def _trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return int(spartan.trainable_parameters(model)["trainable_params"])
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {key: value.detach().contiguous() for key, value in tensors.items()}
+    atomic_write(path, lambda temporary: save_file(tensors, str(temporary)))
 
 
 def _save_head(model: nn.Module, folder: Path, name: str = "head.safetensors") -> None:
-    from safetensors.torch import save_file
+    tensors = {
+        f"{path}.{key}": value for path, head in head_modules(model).items() for key, value in head.state_dict().items()
+    }
+    _save_tensors(tensors, folder / name)
 
-    save_file({k: v.detach().contiguous() for k, v in _head(model).state_dict().items()}, str(folder / name))
+
+def _train_head(model: nn.Module) -> None:
+    for head in head_modules(model).values():
+        head.requires_grad_(True)
 
 
 def _build_bare(model: nn.Module) -> Built:
     model.requires_grad_(False)
-    _head(model).requires_grad_(True)  # a linear probe: the backward pass stops at the head
+    _train_head(model)  # a linear probe: the backward pass stops at the head
     return Built(model, lambda folder: _save_head(model, folder), _trainable(model), "frozen backbone, head trained")
 
 
@@ -146,17 +165,14 @@ def _build_norms(model: nn.Module) -> Built:
     and the head trained, and no memory."""
     model.requires_grad_(False)
     norms = {path: model.get_submodule(path) for path in spartan.find_layer_norms(model)}
-    for module in [*norms.values(), _head(model)]:
+    for module in norms.values():
         module.requires_grad_(True)
+    _train_head(model)
 
     def save(folder: Path) -> None:
-        from safetensors.torch import save_file
-
         _save_head(model, folder)
-        tensors = {
-            f"{path}.{key}": value.detach() for path, norm in norms.items() for key, value in norm.state_dict().items()
-        }
-        save_file(tensors, str(folder / "norms.safetensors"))
+        tensors = {f"{path}.{key}": value for path, norm in norms.items() for key, value in norm.state_dict().items()}
+        _save_tensors(tensors, folder / "norms.safetensors")
 
     return Built(model, save, _trainable(model), "the encoder layers' LayerNorms and the head trained")
 
@@ -176,8 +192,8 @@ def build_spartan(settings: dict) -> Callable[[nn.Module], Built]:
 
 
 def spartan_params_per_layer(hidden: int, settings: dict = SPARTAN_PAPER) -> int:
-    p, c = settings["num_parents"], settings["children_per_parent"]
-    return p * hidden + 2 * p * c * hidden
+    """One memory's parameter count at this hidden size, as the library counts it."""
+    return spartan.SpartanConfig(**settings).memory_parameters(hidden)
 
 
 def matched_bottleneck(hidden: int) -> tuple[int, float]:
@@ -205,7 +221,7 @@ def _build_adapter(config_name: str) -> Callable[[nn.Module], Built]:
         adapters.init(model)
         model.add_adapter(TASK, config=config)
         model.train_adapter(TASK)  # freezes the backbone, activates the adapter
-        _head(model).requires_grad_(True)  # the static task head is trained, as with every method
+        _train_head(model)  # the static task head is trained, as with every method
 
         def save(folder: Path) -> None:
             model.save_adapter(str(folder), TASK, use_safetensors=True)
@@ -250,7 +266,7 @@ def _build_peft(kind: str) -> Callable[[nn.Module], Built]:
 
         def save(folder: Path) -> None:
             for file in Path(saved).iterdir():
-                (folder / file.name).write_bytes(file.read_bytes())
+                atomic_write(folder / file.name, lambda temporary, file=file: temporary.write_bytes(file.read_bytes()))
 
         return Built(merged, save, trainable, "adapter merged into the weights: inference only")
 
@@ -380,8 +396,8 @@ def interleaved_timings(
     for name, values in times.items():
         ratios = [value / base for value, base in zip(values, times[baseline])]
         results[name] = {
-            "median_s": median(values),
-            "ratio": median(ratios),
+            "median_s": statistics.median(values),
+            "ratio": statistics.median(ratios),
             "ratio_ci95": bootstrap_median_interval(ratios),
             "ratio_min": min(ratios),
             "ratio_max": max(ratios),
@@ -457,16 +473,12 @@ def folder_bytes(folder: Path) -> dict[str, int]:
 
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
 def copy_backbone(backbone: nn.Module, share_weights: bool = False) -> nn.Module:
     """A private copy of ``backbone`` for one method. With ``share_weights``, every parameter outside
     the head is a new Parameter over the original's storage (its own ``requires_grad``, the same
     memory): methods that never write the backbone's weights then read the very same bytes, so
     where each copy's weights happen to lie in memory cannot bias their timings."""
-    head = {id(p) for p in _head(backbone).parameters()}
+    head = {id(p) for module in head_modules(backbone).values() for p in module.parameters()}
     shared = {
         id(p): nn.Parameter(p.data, requires_grad=p.requires_grad)
         for p in backbone.parameters()

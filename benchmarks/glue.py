@@ -14,25 +14,30 @@ other seeds run at that rate; the table gives mean +- std over seeds. SST-2's tr
 subsampled (--sst2-train-samples), the same subset for every method. Few-shot runs draw the
 examples with the run's seed, so every method sees the same examples for a given seed.
 ``spartan`` is ``spartan.SpartanConfig()``, the library's defaults; --spartan JSON overrides them
-and names the runs ``spartan{...}``, so variants sit beside the defaults in one table.
+and --param-lrs gives some parameters their own learning rate; such a variant is a table row of its
+own (``spartan{...}``, ``<method>@{...}``), beside the defaults.
 
-Each run's result is one JSON file in results/glue_runs/<setting>/ (``full``, ``fewshot200``; a
-non-default schedule or dropout is a setting of its own, e.g. ``full-5ep``, ``full-dropout0``): an
-interrupted protocol resumes where it stopped, and the tables (results/glue_<setting>.{md,json}) are rebuilt from every run present.
+One run is a ``RunSpec`` (task, method, its overrides, learning rate, seed and ``Setting``: the
+schedule). Its result is one JSON file, ``results/glue_runs/<setting>/<RunSpec.name>.json``
+(settings: ``full``, ``fewshot200``; a non-default schedule or dropout is a setting of its own, e.g.
+``full-5ep``, ``full-dropout0``): an interrupted protocol resumes where it stopped, and the tables
+(results/glue_<setting>.{md,json}) are rebuilt from every run present (--report-only: from them alone).
 Wall-clock training time excludes evaluation and checkpoint saving.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import re
-import shutil
 import statistics
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -41,7 +46,10 @@ from transformers import AutoTokenizer, DataCollatorWithPadding
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, when run as a script
 import common  # noqa: E402
 
+import spartan  # noqa: E402
+from spartan import _validate as check  # noqa: E402
 from spartan import glue  # noqa: E402
+from spartan._io import atomic_write_text  # noqa: E402
 from spartan.training import TrainingConfig, train  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -60,17 +68,256 @@ LEARNING_RATES = {
 METHOD_NAMES = {"head": "bare"}  # benchmark name -> common.METHODS name, where they differ
 
 
+# -- what one run is ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """The schedule every run of a protocol shares; ``name`` is the folder of their records.
+
+    ``epochs`` and ``batch_size`` default to 3 and 32 on full data, 5 and 8 with ``few_shot``
+    (125 updates on 200 examples); ``dropout`` ``None`` keeps the model's own.
+    """
+
+    few_shot: int | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    dropout: float | None = None
+
+    def __post_init__(self) -> None:
+        default_epochs, default_batch_size = self.defaults(self.few_shot)
+        object.__setattr__(self, "few_shot", check.optional_positive_int("few_shot", self.few_shot))
+        object.__setattr__(self, "epochs", check.positive_int("epochs", self.epochs or default_epochs))
+        object.__setattr__(self, "batch_size", check.positive_int("batch_size", self.batch_size or default_batch_size))
+        if self.dropout is not None:
+            object.__setattr__(self, "dropout", check.number("dropout", self.dropout, minimum=0, maximum=1))
+
+    @staticmethod
+    def defaults(few_shot: int | None) -> tuple[int, int]:
+        return (5, 8) if few_shot else (3, 32)
+
+    @property
+    def name(self) -> str:
+        """``full`` or ``fewshot<n>``, then the non-default parts: ``-<e>ep``, ``-bs<b>``, ``-dropout<p>``."""
+        default_epochs, default_batch_size = self.defaults(self.few_shot)
+        name = f"fewshot{self.few_shot}" if self.few_shot else "full"
+        if self.epochs != default_epochs:
+            name += f"-{self.epochs}ep"
+        if self.batch_size != default_batch_size:
+            name += f"-bs{self.batch_size}"
+        if self.dropout is not None:
+            name += f"-dropout{self.dropout:g}"
+        return name
+
+    @classmethod
+    def from_name(cls, name: str) -> Setting:
+        """The setting a folder name stands for: ``Setting.from_name(s.name) == s``."""
+        match = re.fullmatch(r"(?:full|fewshot(\d+))(?:-(\d+)ep)?(?:-bs(\d+))?(?:-dropout([\d.e+-]+))?", name)
+        if match is None:
+            raise ValueError(f"{name!r} is not a setting name such as 'full', 'fewshot200' or 'full-5ep-dropout0'")
+        few_shot, epochs, batch_size, dropout = match.groups()
+        return cls(
+            few_shot=int(few_shot) if few_shot else None,
+            epochs=int(epochs) if epochs else None,
+            batch_size=int(batch_size) if batch_size else None,
+            dropout=float(dropout) if dropout is not None else None,
+        )
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of the protocol: a task, a method with its overrides, a learning rate, a seed, a setting.
+
+    ``label`` names the method and its overrides in the tables; ``name`` is the run's file name
+    (without ``.json``) and ``RunSpec.from_name`` reads one back, including the names written
+    before this class existed (they have the same form). A file name keeps only the characters
+    ``[A-Za-z0-9_.=+-]`` of a parameter-learning-rate pattern (``*LayerNorm*`` -> ``LayerNorm``);
+    the run's record holds the exact patterns, and ``RunSpec.from_record`` reads them from it.
+
+    Args:
+        task: a GLUE task name (``rte``).
+        method: a key of ``LEARNING_RATES`` (``spartan``, ``lora``, ...).
+        learning_rate: the peak learning rate.
+        seed: the training seed (few-shot runs also draw their examples with it).
+        spartan: ``SpartanConfig`` overrides (method ``spartan`` only); ``{}`` is the defaults.
+        param_lrs: ``TrainingConfig.parameter_learning_rates``, ``{pattern: rate}``, in order.
+        setting: the schedule.
+    """
+
+    task: str
+    method: str
+    learning_rate: float
+    seed: int
+    spartan: dict[str, Any] = field(default_factory=dict)
+    param_lrs: dict[str, float] = field(default_factory=dict)
+    setting: Setting = field(default_factory=Setting)
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[a-z0-9]+", self.task):
+            raise ValueError(f"task must be a GLUE task name such as 'rte', got {self.task!r}")
+        if self.method not in LEARNING_RATES:
+            raise ValueError(f"method must be one of {', '.join(LEARNING_RATES)}, got {self.method!r}")
+        if self.spartan and self.method != "spartan":
+            raise ValueError(f"SpartanConfig overrides apply to method 'spartan' only, got method {self.method!r}")
+        object.__setattr__(self, "spartan", dict(sorted(self.spartan.items())))
+        object.__setattr__(self, "param_lrs", dict(self.param_lrs))
+
+    @property
+    def label(self) -> str:
+        """The table row: the method, then its SpartanConfig overrides and parameter learning rates as
+        JSON: ``spartan{"temperature":1.0}@{"*LayerNorm*":0.001}``."""
+        label = self.method
+        if self.spartan:
+            label += json.dumps(self.spartan, sort_keys=True, separators=(",", ":"))
+        if self.param_lrs:
+            label += "@" + json.dumps(self.param_lrs, separators=(",", ":"))
+        return label
+
+    @property
+    def name(self) -> str:
+        """The file name: ``<task>-<method>[_<key>=<value>...][_plr_<pattern>=<rate>...]-lr<lr>-seed<seed>``,
+        e.g. ``rte-spartan_temperature=1.0_plr_LayerNorm=0.001-lr0.003-seed0`` (list values joined by ``+``)."""
+        parts = [self.method]
+        parts += [f"{key}={'+'.join(v) if isinstance(v, list) else v}" for key, v in self.spartan.items()]
+        parts += [f"plr_{pattern}={rate:g}" for pattern, rate in self.param_lrs.items()]
+        body = "_".join(re.sub(r"[^\w.=+-]+", "", part) for part in parts)
+        return f"{self.task}-{body}-lr{self.learning_rate:g}-seed{self.seed}"
+
+    @property
+    def sweep(self) -> tuple[float, ...]:
+        """The learning rates the protocol sweeps for this method."""
+        return LEARNING_RATES[self.method]
+
+    def replace(self, **changes: Any) -> RunSpec:
+        return dataclasses.replace(self, **changes)
+
+    def record(self) -> dict[str, Any]:
+        """The fields a run's record starts with (``from_record`` reads them back)."""
+        return {
+            "task": self.task,
+            "method": self.label,
+            "learning_rate": self.learning_rate,
+            "seed": self.seed,
+            "setting": self.setting.name,
+            "run": {"method": self.method, "spartan": self.spartan, "param_lrs": self.param_lrs},
+            "epochs": self.setting.epochs,
+            "batch_size": self.setting.batch_size,
+            **({"dropout": self.setting.dropout} if self.setting.dropout is not None else {}),
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> RunSpec:
+        """The run a record describes. Records written before ``RunSpec`` carry the method and its
+        overrides only as the label (``spartan{...}@{...}``): that is read back here, and nowhere else."""
+        if "run" in record:
+            method, spartan_overrides, param_lrs = (record["run"][k] for k in ("method", "spartan", "param_lrs"))
+        else:
+            variant, _, param_lrs_json = record["method"].partition("@")
+            method, spartan_overrides = variant, {}
+            if variant.startswith("spartan{"):
+                method, spartan_overrides = "spartan", json.loads(variant[len("spartan"):])
+            param_lrs = json.loads(param_lrs_json or "{}")
+        return cls(
+            record["task"],
+            method,
+            record["learning_rate"],
+            record["seed"],
+            spartan_overrides,
+            param_lrs,
+            Setting.from_name(record["setting"]),
+        )
+
+    @classmethod
+    def from_name(cls, name: str, setting: Setting | str = "full") -> RunSpec:
+        """The run a file name (without ``.json``) stands for, in the folder of ``setting``:
+        ``RunSpec.from_name(s.name, s.setting).name == s.name``. Values take the type of the
+        SpartanConfig field they set; a pattern keeps only what the name kept of it."""
+        match = re.fullmatch(r"(?P<task>[a-z0-9]+)-(?P<body>.+)-lr(?P<lr>[\d.e+-]+)-seed(?P<seed>\d+)", name)
+        if match is None:
+            raise ValueError(f"{name!r} is not a run name of the form <task>-<method>-lr<lr>-seed<seed>")
+        body = match["body"]
+        method = max((m for m in LEARNING_RATES if body == m or body.startswith(m + "_")), key=len, default=None)
+        if method is None:
+            raise ValueError(f"run name {name!r} starts with no method of {', '.join(LEARNING_RATES)}")
+        overrides, param_lrs = {}, {}
+        for key, value in _name_items(body[len(method) + 1:], name):
+            if key.startswith("plr_"):
+                param_lrs[key[4:]] = float(value)
+            else:
+                overrides[key] = _spartan_value(key, value)
+        return cls(
+            match["task"],
+            method,
+            float(match["lr"]),
+            int(match["seed"]),
+            overrides,
+            param_lrs,
+            setting if isinstance(setting, Setting) else Setting.from_name(setting),
+        )
+
+
+def _spartan_fields() -> dict[str, Any]:
+    """SpartanConfig's field names and default values."""
+    defaults = spartan.SpartanConfig()
+    return {f.name: getattr(defaults, f.name) for f in dataclasses.fields(defaults)}
+
+
+def _name_items(text: str, name: str) -> list[tuple[str, str]]:
+    """The ``key=value`` items of a run name's method part, joined by ``_``; keys are SpartanConfig
+    fields or ``plr_<pattern>``, so a value may hold ``_`` (``modules_to_save=pre_classifier``)."""
+    if not text:
+        return []
+    keys = "|".join(sorted(map(re.escape, _spartan_fields()), key=len, reverse=True))
+    starts = list(re.finditer(rf"(?:^|(?<=_))(?P<key>{keys}|plr_[^=]+)=", text))
+    if not starts or starts[0].start() != 0:
+        raise ValueError(
+            f"run name {name!r}: {text!r} is not a list of <SpartanConfig field>=<value> or plr_<pattern>=<rate>"
+        )
+    ends = [m.start() - 1 for m in starts[1:]] + [len(text)]  # each value ends at the "_" before the next key
+    return [(m["key"], text[m.end():end]) for m, end in zip(starts, ends)]
+
+
+def _spartan_value(key: str, text: str) -> Any:
+    """A SpartanConfig value as a run name writes it, with the type of the field's default (list
+    fields: ``+``-joined names)."""
+    default = _spartan_fields()[key]
+    if isinstance(default, bool):
+        return text == "True"
+    if isinstance(default, int):
+        return int(text)
+    if isinstance(default, float):
+        return float(text)
+    if isinstance(default, str):
+        return text
+    return text.split("+")
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, required=True, help="folder in the official GLUE layout")
+    parser.add_argument(
+        "--data-dir", type=Path, help="folder in the official GLUE layout (not needed with --report-only)"
+    )
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--methods", nargs="+", default=list(LEARNING_RATES), choices=list(LEARNING_RATES))
-    parser.add_argument("--spartan", type=json.loads, default={}, help="SpartanConfig overrides for spartan, as JSON")
+    parser.add_argument("--spartan", type=json_object, default={}, help="SpartanConfig overrides for spartan, as JSON")
     parser.add_argument(
         "--param-lrs",
-        type=json.loads,
+        type=json_object,
         default={},
-        help='TrainingConfig.parameter_learning_rates, as JSON: {"*LayerNorm*": 1e-4}; names the runs <method>@{...}',
+        help='TrainingConfig.parameter_learning_rates, as JSON: {"*LayerNorm*": 1e-4}; labels the runs <method>@{...}',
     )
     parser.add_argument("--lrs", nargs="+", type=float, help="learning rates to sweep (default: per method)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="the first one runs the sweep")
@@ -82,69 +329,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument(
-        "--dropout", type=float, help="the backbone's dropout probabilities for every method (default: the model's, 0.1)"
+        "--dropout",
+        type=float,
+        help="the backbone's dropout probabilities for every method (default: the model's, 0.1)",
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report-only", action="store_true", help="rebuild the tables from the saved runs")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    default_epochs, default_batch_size = (5, 8) if args.few_shot else (3, 32)
-    args.epochs = args.epochs or default_epochs
-    args.batch_size = args.batch_size or default_batch_size
-    args.setting = f"fewshot{args.few_shot}" if args.few_shot else "full"
-    if args.epochs != default_epochs:
-        args.setting += f"-{args.epochs}ep"
-    if args.batch_size != default_batch_size:
-        args.setting += f"-bs{args.batch_size}"
-    if args.dropout is not None:
-        args.setting += f"-dropout{args.dropout:g}"
-    args.runs_dir = args.out / "glue_runs" / args.setting
-    args.methods = [spartan_variant(args.spartan) if m == "spartan" else m for m in args.methods]
-    if args.param_lrs:
-        args.methods = [f"{m}@{json.dumps(args.param_lrs, separators=(',', ':'))}" for m in args.methods]
+    if args.data_dir is None and not args.report_only:
+        parser.error("--data-dir is required (the GLUE data), unless --report-only rebuilds the tables from saved runs")
+    for flag, check_value in (
+        ("--spartan", lambda: spartan.SpartanConfig(**args.spartan)),
+        ("--param-lrs", lambda: TrainingConfig(output_dir="unused", parameter_learning_rates=args.param_lrs)),
+    ):
+        try:
+            check_value()
+        except (TypeError, ValueError) as error:
+            parser.error(f"{flag}: {error}")
+    try:
+        args.setting = Setting(args.few_shot, args.epochs, args.batch_size, args.dropout)
+    except ValueError as error:
+        parser.error(str(error))
+    args.runs_dir = args.out / "glue_runs" / args.setting.name
+    # one spec per method at the first task, rate and seed: the plan varies those
+    args.variants = [
+        RunSpec(args.tasks[0], m, 0.0, args.seeds[0], args.spartan if m == "spartan" else {}, args.param_lrs,
+                args.setting)
+        for m in args.methods
+    ]
     return args
 
 
-def run_name(task: str, method: str, lr: float, seed: int) -> str:
-    """The run's file name; a spartan variant's overrides become key=value parts (spartan_temperature=1.0),
-    parameter learning rates plr_ parts (spartan_plr_LayerNorm=0.0001)."""
-    method, param_lrs = split_method(method)
-    parts = [method]
-    if method.startswith("spartan{"):
-        overrides = spartan_overrides(method)
-        parts = ["spartan", *(f"{key}={'+'.join(v) if isinstance(v, list) else v}" for key, v in overrides.items())]
-    parts += [f"plr_{pattern}={rate:g}" for pattern, rate in param_lrs.items()]
-    name = "_".join(re.sub(r"[^\w.=+-]+", "", part) for part in parts)
-    return f"{task}-{name}-lr{lr:g}-seed{seed}"
+# -- running -----------------------------------------------------------------------------------------
 
 
-def split_method(method: str) -> tuple[str, dict[str, float]]:
-    """A method name's base method and its parameter learning rates: "spartan@{...}" -> ("spartan", {...})."""
-    base, _, param_lrs = method.partition("@")
-    return base, json.loads(param_lrs or "{}")
-
-
-def spartan_variant(overrides: dict) -> str:
-    """The method name of spartan with these SpartanConfig overrides ("spartan" for the defaults)."""
-    return "spartan" + (json.dumps(overrides, sort_keys=True, separators=(",", ":")) if overrides else "")
-
-
-def spartan_overrides(method: str) -> dict:
-    """The SpartanConfig overrides a spartan method name carries ({} for "spartan")."""
-    return json.loads(split_method(method)[0][len("spartan"):] or "{}")
-
-
-def learning_rates(method: str) -> tuple[float, ...]:
-    base = split_method(method)[0]
-    return LEARNING_RATES["spartan" if base.startswith("spartan") else base]
-
-
-def build(method: str, backbone):
-    base = split_method(method)[0]
-    if base.startswith("spartan"):
-        spartan_method = common.Method(base, base, None, common.build_spartan(spartan_overrides(base)))
-        return common.build_method(spartan_method, backbone)
-    return common.build_method(common.METHODS[METHOD_NAMES.get(base, base)], backbone)
+def build(spec: RunSpec, backbone):
+    if spec.method == "spartan":
+        return common.build_method(common.Method(spec.label, spec.label, None, common.build_spartan(spec.spartan)),
+                                   backbone)
+    return common.build_method(common.METHODS[METHOD_NAMES.get(spec.method, spec.method)], backbone)
 
 
 class Data:
@@ -159,9 +383,10 @@ class Data:
             self.loaded[task_name] = glue.load_glue(task, data_dir=self.args.data_dir)
         data = self.loaded[task_name]
         train_data = data["train"]
-        size = self.args.few_shot or (self.args.sst2_train_samples if task_name == "sst2" else None)
+        few_shot = self.args.setting.few_shot
+        size = few_shot or (self.args.sst2_train_samples if task_name == "sst2" else None)
         if size is not None and size < len(train_data):
-            subset_seed = seed if self.args.few_shot else 0  # full data: one SST-2 subset for every run
+            subset_seed = seed if few_shot else 0  # full data: one SST-2 subset for every run
             train_data = train_data.shuffle(seed=subset_seed).select(range(size))
 
         def tokenized(split):
@@ -170,19 +395,19 @@ class Data:
         return task, tokenized(train_data), tokenized(data[task.validation_split])
 
 
-def run_one(args: argparse.Namespace, data: Data, task_name: str, method_name: str, lr: float, seed: int) -> dict:
-    task, train_data, dev_data = data.get(task_name, seed)
-    built = build(method_name, common.build_backbone("minilm", seed=seed, dropout=args.dropout))
-    output_dir = Path(tempfile.mkdtemp(prefix=f"glue_{task_name}_"))
-    try:
+def run_one(data: Data, spec: RunSpec) -> dict:
+    """Train one run and return its record."""
+    task, train_data, dev_data = data.get(spec.task, spec.seed)
+    built = build(spec, common.build_backbone("minilm", seed=spec.seed, dropout=spec.setting.dropout))
+    with tempfile.TemporaryDirectory(prefix=f"glue_{spec.task}_") as output_dir:
         config = TrainingConfig(
             output_dir=output_dir,
-            learning_rate=lr,
-            parameter_learning_rates=split_method(method_name)[1],
-            num_epochs=args.epochs,
-            batch_size=args.batch_size,
+            learning_rate=spec.learning_rate,
+            parameter_learning_rates=spec.param_lrs,
+            num_epochs=spec.setting.epochs,
+            batch_size=spec.setting.batch_size,
             metric_for_best=task.main_metric,
-            seed=seed,
+            seed=spec.seed,
             resume=False,
             progress=False,
         )
@@ -194,46 +419,45 @@ def run_one(args: argparse.Namespace, data: Data, task_name: str, method_name: s
             compute_metrics=lambda logits, labels: glue.compute_metrics(task, logits, labels),
             data_collator=DataCollatorWithPadding(data.tokenizer),
         )
-    finally:
-        shutil.rmtree(output_dir, ignore_errors=True)
     metrics = {name: result.best_metrics[name] for name in task.metrics}
     return {
-        "task": task_name,
-        "method": method_name,
-        "learning_rate": lr,
-        "seed": seed,
-        "setting": args.setting,
+        **spec.record(),
         "metrics": metrics,
-        "score": glue.glue_score({task_name: metrics}),
+        "score": glue.glue_score({spec.task: metrics}),
         "best_step": result.best_step,
         "steps": result.global_step,
         "train_examples": len(train_data),
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        **({"dropout": args.dropout} if args.dropout is not None else {}),
         "train_seconds": result.train_runtime_s - result.checkpoint_runtime_s,
         "trainable_params": built.trainable_params,
         **({"config": built.extra} if built.extra else {}),
     }
 
 
-def planned_runs(args: argparse.Namespace) -> list[tuple[str, str, float, int]]:
+def planned_runs(args: argparse.Namespace) -> list[RunSpec]:
     """Sweep runs (first seed, every learning rate) for every task and method; the rest come once chosen."""
     return [
-        (task, method, lr, args.seeds[0])
+        variant.replace(task=task, learning_rate=lr)
         for task in args.tasks
-        for method in args.methods
-        for lr in (args.lrs or learning_rates(method))
+        for variant in args.variants
+        for lr in (args.lrs or variant.sweep)
     ]
 
 
 def load_runs(runs_dir: Path) -> list[dict]:
-    return [json.loads(path.read_text()) for path in sorted(runs_dir.glob("*.json"))]
+    """Every run record in ``runs_dir``; each file must be named by the run it holds."""
+    runs = []
+    for path in sorted(runs_dir.glob("*.json")):
+        record = json.loads(path.read_text())
+        spec = RunSpec.from_record(record)
+        if spec.name != path.stem:
+            raise SystemExit(f"error: {path} holds the run {spec.name}: rename the file to {spec.name}.json")
+        runs.append(record)
+    return runs
 
 
-def best_learning_rate(runs: list[dict], task: str, method: str, first_seed: int) -> float | None:
-    sweep = [r for r in runs if (r["task"], r["method"], r["seed"]) == (task, method, first_seed)]
-    # ties: the lower learning rate
+def best_learning_rate(runs: list[dict], task: str, label: str, first_seed: int) -> float | None:
+    """The learning rate whose first-seed run of ``label`` on ``task`` scored best (ties: the lower)."""
+    sweep = [r for r in runs if (r["task"], r["method"], r["seed"]) == (task, label, first_seed)]
     return max(sweep, key=lambda r: (r["score"], -r["learning_rate"]))["learning_rate"] if sweep else None
 
 
@@ -242,27 +466,26 @@ def execute(args: argparse.Namespace) -> None:
     common.import_peers()
     tokenizer = AutoTokenizer.from_pretrained(common.minilm_path())
     data = Data(args, tokenizer)
-    args.runs_dir.mkdir(parents=True, exist_ok=True)
 
-    def run_missing(plan, description):
-        todo = [cell for cell in plan if not (args.runs_dir / f"{run_name(*cell)}.json").exists()]
-        for cell in tqdm(todo, desc=description):
-            record = run_one(args, data, *cell)
-            path = args.runs_dir / f"{run_name(*cell)}.json"
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(record, indent=2) + "\n")
-            tmp.replace(path)  # atomic: a killed protocol never leaves half a record
-            tqdm.write(f"{run_name(*cell)}: {record['metrics']} ({record['train_seconds']:.0f} s training)")
+    def run_missing(plan: list[RunSpec], description: str) -> None:
+        todo = [spec for spec in plan if not (args.runs_dir / f"{spec.name}.json").exists()]
+        for spec in tqdm(todo, desc=description):
+            record = run_one(data, spec)
+            atomic_write_text(args.runs_dir / f"{spec.name}.json", json.dumps(record, indent=2) + "\n")
+            tqdm.write(f"{spec.name}: {record['metrics']} ({record['train_seconds']:.0f} s training)")
             gc.collect()
 
     run_missing(planned_runs(args), "learning-rate sweep")
     runs = load_runs(args.runs_dir)
     seeds_plan = []
     for task in args.tasks:
-        for method in args.methods:
-            lr = best_learning_rate(runs, task, method, args.seeds[0])
-            seeds_plan += [(task, method, lr, seed) for seed in args.seeds[1:]]
+        for variant in args.variants:
+            lr = best_learning_rate(runs, task, variant.label, args.seeds[0])
+            seeds_plan += [variant.replace(task=task, learning_rate=lr, seed=seed) for seed in args.seeds[1:]]
     run_missing(seeds_plan, "other seeds")
+
+
+# -- the tables --------------------------------------------------------------------------------------
 
 
 def summarise(runs: list[dict], first_seed: int) -> list[dict]:
@@ -365,12 +588,12 @@ def sweep_table(rows: list[dict], runs: list[dict], first_seed: int) -> list[str
 def report(args: argparse.Namespace) -> None:
     runs = load_runs(args.runs_dir)
     if not runs:
-        raise SystemExit(f"no runs in {args.runs_dir}: run the protocol first")
+        raise SystemExit(f"error: no runs in {args.runs_dir}: run the protocol first (without --report-only)")
     rows = summarise(runs, args.seeds[0])
-    table = markdown(rows, runs, args.setting, args.seeds[0])
+    table = markdown(rows, runs, args.setting.name, args.seeds[0])
     print(table)
-    (args.out / f"glue_{args.setting}.md").write_text(table)
-    (args.out / f"glue_{args.setting}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    atomic_write_text(args.out / f"glue_{args.setting.name}.md", table)
+    atomic_write_text(args.out / f"glue_{args.setting.name}.json", json.dumps(rows, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, when run 
 import common  # noqa: E402
 
 from spartan import SparseHierarchicalMemory  # noqa: E402
+from spartan._io import atomic_write_text  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SLOT_COUNTS = [48, 1024, 4096, 16384, 65536, 262144, 1048576]
@@ -185,9 +186,8 @@ def main(argv: list[str] | None = None) -> None:
         tqdm.write(json.dumps(rows[-1]))
     table = markdown(rows, args)
     print(table)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.with_suffix(".md").write_text(table)
-    args.output.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    atomic_write_text(args.output.with_suffix(".md"), table)
+    atomic_write_text(args.output.with_suffix(".json"), json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, when run as a script
 import common  # noqa: E402
 
+import spartan  # noqa: E402
+from spartan._io import atomic_write, atomic_write_text  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 WORKER_TAG = "SPEED_WORKER_RESULT "
 MODE_TITLES = {"infer_b32": "inference b32", "infer_b1": "latency b1", "train": "train step b16"}
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown_modes = set(modes) - set(common.MODES)
     if unknown_modes:
-        raise SystemExit(f"unknown mode(s) {sorted(unknown_modes)}; choose from {', '.join(common.MODES)}")
+        sys.exit(f"error: unknown mode(s) {sorted(unknown_modes)}; choose from {', '.join(common.MODES)}")
     args.out.mkdir(parents=True, exist_ok=True)
     models = list(common.BACKBONES) if args.model == "all" else [args.model]
     for model_name in models:
@@ -89,7 +92,7 @@ def select_methods(spec: str) -> list[common.Method]:
     names = [n.strip() for n in spec.split(",") if n.strip()]
     unknown = [n for n in names if n not in common.METHODS]
     if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(common.METHODS)}")
+        sys.exit(f"error: unknown method(s) {unknown}; choose from {', '.join(common.METHODS)}")
     if "bare" not in names:
         names.insert(0, "bare")
     missing: dict[str, list[str]] = {}
@@ -122,7 +125,7 @@ def run_model(model_name: str, methods: list[common.Method], modes: list[str], a
     backbone = common.build_backbone(model_name, args.quick)
     hidden = backbone.config.hidden_size
     num_layers = backbone.config.num_hidden_layers
-    head_params = sum(p.numel() for p in backbone.classifier.parameters())
+    head_params = common.head_parameters(backbone)
     built: dict[str, common.Built] = {}
     info: dict[str, dict] = {}
     for method in tqdm(methods, desc="build + save", leave=False):
@@ -276,16 +279,6 @@ def fmt_overhead_interval(timing: dict) -> str:
     return f"{fmt_overhead(timing['ratio'])} ({low:+.1f}..{high:+.1f})"
 
 
-def fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "–"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""
-
-
 def fmt_mb(n: int | None) -> str:
     return "–" if n is None else f"{n / 2**20:,.0f}"
 
@@ -339,7 +332,7 @@ def markdown(results: dict) -> str:
         ckpt = m["checkpoint"]
         per_layer = m["added_params_per_layer"]
         cells = [m["label"], f"{m['trainable_params']:,}", "–" if per_layer is None else f"{per_layer:,.0f}",
-                 f"{ckpt['bytes']:,}", fmt_bytes(ckpt["bytes"]), str(ckpt["files"])]
+                 f"{ckpt['bytes']:,}", spartan.format_bytes(ckpt["bytes"]), str(ckpt["files"])]
         for mode in ("infer_b32", "train"):
             peak = m["memory"].get(mode, {}).get("peak_rss")
             bare_peak = bare_mem.get(mode, {}).get("peak_rss")
@@ -393,14 +386,14 @@ def plot(results: dict, path: Path) -> None:
     fig.suptitle(f"{results['model']}: overhead over the frozen backbone, CPU {results['threads']} threads, "
                  f"median of {results['repeats']} interleaved rounds")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda temporary: fig.savefig(temporary, dpi=120, format="png"))
     plt.close(fig)
 
 
 def write_results(results: dict, args) -> None:
     stem = args.out / f"speed_{results['model']}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(results))
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
+    atomic_write_text(stem.with_suffix(".md"), markdown(results))
     if not args.no_plot:
         try:
             plot(results, stem.with_suffix(".png"))
