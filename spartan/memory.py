@@ -224,40 +224,16 @@ class SparseHierarchicalMemory(nn.Module):
                 "or exported: build the memory with implementation='dense' (SpartanConfig(implementation='dense'))"
             )
 
-    def _select_parents(self, parent_logits: Tensor) -> tuple[Tensor, Tensor]:
-        top_logits, top_indices = parent_logits.topk(self.top_k, dim=-1)  # [N, k]
-        return top_indices, _upcast(top_logits).softmax(dim=-1).to(parent_logits.dtype)
-
     def _read_dense(self, tokens: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        P, C = self.num_parents, self.children_per_parent
-        logits = tokens @ self.keys.T  # [N, P + C*P]: parents and children in one matrix product
-        parent_logits, child_logits = logits.split([P, C * P], dim=-1)
-        top_indices, parent_weights = self._select_parents(parent_logits)
-        # Child-major [N, C, P]: the softmax over each parent's C children runs over dim 1 with P
-        # contiguous, much faster than over a tiny last dim.
-        child_weights = (_upcast(child_logits).view(-1, C, P) / self.temperature).softmax(dim=1)
-        selected = torch.zeros_like(parent_logits, dtype=child_weights.dtype)  # no Python ints from shapes
-        selected = selected.scatter(1, top_indices, parent_weights.to(child_weights.dtype))  # [N, P]
-        # where, not a product alone: unselected slots get exactly zero gradient even from inf upstream
-        keep = (selected > 0).unsqueeze(1)  # [N, 1, P]; a kept parent whose weight underflows to 0 reads nothing
-        slot_weights = torch.where(keep, selected.unsqueeze(1) * child_weights, 0.0).view(-1, C * P)
-        values = self.values
-        if values.requires_grad and torch.is_grad_enabled():
-            # values of parents no token selected: exactly zero gradient (a product with a zero
-            # weight would turn an infinite upstream gradient into NaN)
-            used = keep.any(dim=0).squeeze(0).repeat(C)  # [C*P], child-major like the values' rows
-            values = torch.where(used.unsqueeze(1), values, 0.0)
-        if residual is not None and _same_dtypes(residual, slot_weights, values):
-            out = torch.addmm(residual, slot_weights, values)
-        else:
-            read = slot_weights.to(values.dtype) @ values
-            out = read.to(tokens.dtype) if residual is None else residual + read.to(residual.dtype)
-        return out, top_indices, parent_weights
+        return dense_read(
+            tokens, self.keys, self.values, self.num_parents, self.children_per_parent, self.top_k, self.temperature,
+            residual,
+        )
 
     @torch.compiler.disable  # a data-dependent loop over parents: run it eagerly inside compiled graphs
     def _read_sparse(self, tokens: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         parent_logits = tokens @ self.parent_keys.T  # [N, P]
-        top_indices, parent_weights = self._select_parents(parent_logits)  # [N, k]
+        top_indices, parent_weights = _select_parents(parent_logits, self.top_k)  # [N, k]
         # unbind, not indexing: its backward builds each gradient once, not one full-size tensor per parent
         keys, values = self.child_keys.unbind(0), self.child_values.unbind(0)  # P x [C, H]
         base = torch.zeros_like(tokens) if residual is None else residual
@@ -301,6 +277,55 @@ class SparseHierarchicalMemory(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
 
+def dense_read(
+    tokens: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    num_parents: int,
+    children_per_parent: int,
+    top_k: int,
+    temperature: float | Tensor,
+    residual: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The dense read of ``SparseHierarchicalMemory`` as a function of its tensors, for one memory
+    or for a memory per row (mixed-task batches, exported graphs).
+
+    Args:
+        tokens: ``[N, H]`` (one memory) or ``[B, S, H]`` (with per-row tensors).
+        keys: ``[P + C*P, H]`` or ``[B, P + C*P, H]``, laid out as ``SparseHierarchicalMemory.keys``.
+        values: ``[C*P, H]`` or ``[B, C*P, H]``.
+        temperature: a number, or a tensor that broadcasts against ``[B, S, C, P]`` (e.g. ``[B, 1, 1, 1]``).
+        residual: added to the read-out, shaped like ``tokens``; it keeps its dtype.
+
+    Returns:
+        The read-out (plus ``residual``) shaped like ``tokens``, the top-k parent ids ``[..., k]``
+        and their softmax weights ``[..., k]``.
+    """
+    P, C = num_parents, children_per_parent
+    logits = tokens @ keys.transpose(-1, -2)  # [..., P + C*P]: parents and children in one matrix product
+    parent_logits, child_logits = logits.split([P, C * P], dim=-1)
+    top_indices, parent_weights = _select_parents(parent_logits, top_k)  # [..., k]
+    # Child-major [..., C, P]: the softmax over each parent's C children runs over dim -2 with P
+    # contiguous, much faster than over a tiny last dim.
+    child_weights = (_upcast(child_logits).unflatten(-1, (C, P)) / temperature).softmax(dim=-2)
+    selected = torch.zeros_like(parent_logits, dtype=child_weights.dtype)  # no Python ints from shapes
+    selected = selected.scatter(-1, top_indices, parent_weights.to(child_weights.dtype))  # [..., P]
+    # where, not a product alone: unselected slots get exactly zero gradient even from inf upstream
+    keep = (selected > 0).unsqueeze(-2)  # [..., 1, P]; a kept parent whose weight underflows to 0 reads nothing
+    slot_weights = torch.where(keep, selected.unsqueeze(-2) * child_weights, 0.0).flatten(-2)  # [..., C*P]
+    if values.requires_grad and torch.is_grad_enabled() and values.dim() == 2:
+        # values of parents no token selected: exactly zero gradient (a product with a zero
+        # weight would turn an infinite upstream gradient into NaN)
+        used = keep.flatten(0, -2).any(dim=0).repeat(C)  # [C*P], child-major like the values' rows
+        values = torch.where(used.unsqueeze(1), values, 0.0)
+    if residual is not None and tokens.dim() == 2 and _same_dtypes(residual, slot_weights, values):
+        out = torch.addmm(residual, slot_weights, values)
+    else:
+        read = slot_weights.to(values.dtype) @ values
+        out = read.to(tokens.dtype) if residual is None else residual + read.to(residual.dtype)
+    return out, top_indices, parent_weights
+
+
 def upgrade_memory_state_dict(state_dict: dict[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
     """A copy of ``state_dict`` with every version-1 memory (``<prefix>...parent_keys``,
     ``child_keys``, ``child_values``) converted to the current ``keys`` / ``values`` layout."""
@@ -320,6 +345,12 @@ def _upgrade_state_dict_v1(state_dict: dict[str, Tensor], prefix: str) -> None:
     # [P, C, H] -> child-major rows [C*P, H]
     state_dict[f"{prefix}keys"] = torch.cat([parent_keys, child_keys.transpose(0, 1).reshape(-1, hidden)])
     state_dict[f"{prefix}values"] = child_values.transpose(0, 1).reshape(-1, hidden)
+
+
+def _select_parents(parent_logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """The ``top_k`` best parents of each token and the softmax over their logits."""
+    top_logits, top_indices = parent_logits.topk(top_k, dim=-1)
+    return top_indices, _upcast(top_logits).softmax(dim=-1).to(parent_logits.dtype)
 
 
 def _upcast(tensor: Tensor) -> Tensor:
