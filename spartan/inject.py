@@ -13,6 +13,8 @@ import copy
 import inspect
 import warnings
 from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -72,6 +74,7 @@ class _WrapState:
     mask_position: int | None  # where attention_mask sits among the model's positional arguments
     hook_handles: list[Any] = field(default_factory=list)
     attention_mask: Tensor | None = None  # of the model's current forward call
+    read_override: Callable[[int, Tensor], Tensor] | None = None  # see override_memory_reads
 
 
 def is_wrapped(model: nn.Module) -> bool:
@@ -339,6 +342,33 @@ def get_hidden_size(model: nn.Module) -> int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     raise ValueError(f"cannot tell the hidden size of {type(model).__name__}: it needs config.hidden_size")
+
+
+@contextmanager
+def override_memory_reads(model: nn.Module, read: Callable[[int, Tensor], Tensor]) -> Iterator[None]:
+    """Within the block, wrapped layer ``i``'s output ``h`` becomes ``read(i, h)`` instead of
+    ``h + memory(h)`` (how per-row task reads plug in; see ``spartan.multitask``)."""
+    state = _state(model)
+    if state.read_override is not None:
+        raise RuntimeError("memory reads are already overridden on this model")
+    state.read_override = read
+    try:
+        yield
+    finally:
+        state.read_override = None
+
+
+@contextmanager
+def replaced_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> Iterator[None]:
+    """Within the block, the module at each path is ``replacements[path]``; the originals return after."""
+    originals = {path: model.get_submodule(path) for path in replacements}
+    try:
+        for path, module in replacements.items():
+            _set_submodule(model, path, module)
+        yield
+    finally:
+        for path, module in originals.items():
+            _set_submodule(model, path, module)
 
 
 def get_attention_mask(model: nn.Module) -> Tensor | None:
@@ -628,13 +658,16 @@ def _set_trainable(model: nn.Module) -> None:
 
 
 def _make_layer_hook(memories: nn.ModuleDict, state: _WrapState, index: int):
+    def read(hidden: Tensor) -> Tensor:
+        if state.read_override is not None:
+            return state.read_override(index, hidden)
+        return memories[state.active][index](hidden, residual=hidden)
+
     def add_memory_read(module: nn.Module, args: tuple, output: Any) -> Any:
-        memory = memories[state.active][index]
         if isinstance(output, Tensor):
-            return memory(output, residual=output)
+            return read(output)
         if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
-            hidden = output[0]
-            return (memory(hidden, residual=hidden), *output[1:])
+            return (read(output[0]), *output[1:])
         raise TypeError(f"spartan cannot read the hidden states from a {type(output).__name__} layer output")
 
     return add_memory_read

@@ -1,0 +1,76 @@
+"""Mixed-task batches: each row read by its own task's memories, norms and head."""
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+import spartan
+from spartan.multitask import forward_tasks
+from tests.tiny_models import batch, tiny
+
+
+def tiny_bert(num_labels, seed=0, **config):
+    torch.manual_seed(seed)
+    settings = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, vocab_size=99)
+    return BertForSequenceClassification(BertConfig(**settings, num_labels=num_labels, **config)).eval()
+
+
+def randomise_task(model, name, seed):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in spartan.task_state_dict(model, name).values():
+            tensor.add_(0.3 * torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype))
+
+
+def three_task_backbone():
+    model = spartan.wrap_model(tiny_bert(2), num_parents=6, top_k=2, value_init="normal", name="pairs")
+    spartan.add_memory(model, "nli", num_parents=6, top_k=2, value_init="normal", temperature=0.7, num_labels=3)
+    spartan.add_memory(model, "score", num_parents=6, top_k=2, value_init="normal", num_labels=1,
+                       problem_type="regression")
+    for seed, name in enumerate(spartan.memory_names(model)):
+        randomise_task(model, name, seed)
+    return model.eval()
+
+
+def test_each_row_is_read_by_its_own_task():
+    model = three_task_backbone()
+    inputs = {key: value for key, value in batch(batch_size=5, length=7).items() if key != "labels"}
+    tasks = ["nli", "pairs", "score", "nli", "pairs"]
+    with torch.no_grad():
+        mixed = forward_tasks(model, tasks, **inputs).logits
+        assert mixed.shape == (5, 3)
+        for row, name in enumerate(tasks):
+            spartan.set_active_memory(model, name)
+            alone = model(**{key: value[row : row + 1] for key, value in inputs.items()}).logits[0]
+            torch.testing.assert_close(mixed[row, : len(alone)], alone, atol=1e-5, rtol=1e-5)
+            assert torch.isnan(mixed[row, len(alone) :]).all()
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama", "distilbert", "roberta"])
+def test_mixed_batches_on_other_architectures(architecture):
+    model = spartan.wrap_model(tiny(architecture), num_parents=4, top_k=2, value_init="normal", name="a")
+    spartan.add_memory(model, "b", num_parents=4, top_k=2, value_init="normal")
+    randomise_task(model, "a", 0)
+    randomise_task(model, "b", 1)
+    inputs = {key: value for key, value in batch().items() if key != "labels"}
+    with torch.no_grad():
+        mixed = forward_tasks(model.eval(), ["b", "a", "b"], **inputs).logits
+        for row, name in enumerate(["b", "a", "b"]):
+            spartan.set_active_memory(model, name)
+            alone = model(**{key: value[row : row + 1] for key, value in inputs.items()}).logits[0]
+            torch.testing.assert_close(mixed[row], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_batches_are_refused_clearly():
+    model = three_task_backbone()
+    inputs = {key: value for key, value in batch().items() if key != "labels"}
+    with pytest.raises(ValueError, match="no memory named"):
+        forward_tasks(model, ["pairs", "nope", "pairs"], **inputs)
+    with pytest.raises(ValueError, match="one task per row"):
+        forward_tasks(model, ["pairs"], **inputs)
+    spartan.add_memory(model, "big", num_parents=8, top_k=2)
+    with pytest.raises(ValueError, match="one memory shape"):
+        forward_tasks(model, ["pairs", "big", "pairs"], **inputs)
+    model.train()
+    with pytest.raises(ValueError, match="model.eval"):
+        forward_tasks(model, ["pairs"] * 3, **inputs)
