@@ -4,27 +4,54 @@
 
 Methods: ``spartan`` (frozen backbone + memories + head), ``full`` (fine-tune everything) and
 ``head`` (train the classifier only) -- the two references every SPARTAN number is read against.
-Writes OUTPUT/metrics.json, the best checkpoint (OUTPUT/best: a memory-only checkpoint for
-spartan), the training log (OUTPUT/log.jsonl) and, with --predict, GLUE submission files.
+
+A run writes into OUTPUT (--output-dir):
+  run.json      the settings that shape the result (task, method, model, memory settings,
+                training settings, seed, data source), written before training
+  metrics.json  those settings and the dev-set metrics of the best checkpoint, parameter
+                counts and the training time
+  best/         the best checkpoint (spartan: a memory-only checkpoint, loadable with
+                spartan.load_memory) and best_metrics.json
+  last/         the state to resume an interrupted run from
+  log.jsonl     the training log: losses, learning rates, evaluations
+  <TASK>.tsv    with --predict: the GLUE submission file(s) (MNLI: MNLI-m.tsv, MNLI-mm.tsv)
+
+Run again into the same OUTPUT with the same settings, it resumes (or, finished, reports) that
+run; with other settings it stops with an error, unless --overwrite starts afresh.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from pathlib import Path
+from typing import Any, NoReturn
 
 import numpy as np
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, set_seed
 
 import spartan
-from spartan import glue
+from spartan import _io, _validate, glue
 from spartan.training import TrainingConfig, train
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 METHODS = ("spartan", "full", "head")
 DEFAULT_LEARNING_RATES = {"spartan": 3e-3, "full": 5e-5, "head": 3e-3}
+RUN_NAME = "run.json"
+METRICS_NAME = "metrics.json"
+LOG_NAME = "log.jsonl"
+CHECKPOINT_FOLDERS = ("last", "best")  # written by spartan.training.train
+MEMORY_OPTIONS = ("num_parents", "children_per_parent", "top_k", "temperature", "train_layer_norms")
+SETTING_GROUPS = ("memory", "training")  # run.json sections whose keys are named without the section
+
+
+def fail(message: str) -> NoReturn:
+    """Stop with one line ``error: message`` on stderr and exit status 2, as argparse does."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,12 +64,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--method", choices=METHODS, default="spartan")
     parser.add_argument("--output-dir", type=Path, help="default: runs/<task>-<method>")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="delete the run already in --output-dir and start afresh"
+    )
     parser.add_argument("--max-train-samples", type=int, help="train on a seeded random subset of this size")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--lr", type=float, help=f"learning rate (default per method: {DEFAULT_LEARNING_RATES})")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=42, help="seeds the model's new weights and the training")
     parser.add_argument("--num-parents", type=int, default=defaults.num_parents)
     parser.add_argument("--children-per-parent", type=int, default=defaults.children_per_parent)
     parser.add_argument("--top-k", type=int, default=defaults.top_k)
@@ -54,15 +84,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     try:
         args.task = glue.get_task(args.task)
+        if "train" not in args.task.split_files:
+            raise ValueError(
+                f"{args.task.name} has no training data (it is predicted with an MNLI model): choose another --task"
+            )
+        if args.max_train_samples is not None:
+            _validate.positive_int("--max-train-samples", args.max_train_samples)
+        for option in ("epochs", "batch_size", "max_length"):
+            _validate.positive_int(f"--{option.replace('_', '-')}", getattr(args, option))
+        if args.lr is not None:
+            _validate.positive_number("--lr", args.lr)
+        _validate.integer("--seed", args.seed, minimum=0, maximum=2**32 - 1)
     except ValueError as error:
         parser.error(str(error))
-    if args.max_train_samples is not None and args.max_train_samples <= 0:
-        parser.error(f"--max-train-samples must be a positive number of examples, got {args.max_train_samples}")
-    for option in ("epochs", "batch_size", "max_length"):
-        if getattr(args, option) <= 0:
-            parser.error(f"--{option.replace('_', '-')} must be positive, got {getattr(args, option)}")
-    if args.lr is not None and args.lr <= 0:
-        parser.error(f"--lr must be positive, got {args.lr}")
+    try:
+        args.memory = spartan.SpartanConfig(**{option: getattr(args, option) for option in MEMORY_OPTIONS})
+    except ValueError as error:  # named by the config's field names: say the flags instead
+        parser.error(re.sub(rf"\b({'|'.join(MEMORY_OPTIONS)})\b", lambda m: f"--{m[1].replace('_', '-')}", str(error)))
+    args.lr = args.lr or DEFAULT_LEARNING_RATES[args.method]
     args.output_dir = args.output_dir or Path("runs") / f"{args.task.name}-{args.method}"
     return args
 
@@ -79,37 +118,138 @@ def resolve_model(name: str) -> str:
 
 
 def load_data(args: argparse.Namespace):
+    """(training subset, all splits); a missing test split is an error with --predict."""
+    task = args.task
     try:
-        data = glue.load_glue(args.task, data_dir=args.data_dir)
+        data = glue.load_glue(task, data_dir=args.data_dir)
     except ConnectionError as error:
-        sys.exit(
-            f"{error}\nWithout a network, pass --data-dir: a folder with {args.task.folder}/train.tsv and dev files."
+        cause = error.__cause__ or error
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        fail(
+            f"could not load GLUE {task.name} from the Hugging Face Hub ({reason}); offline, pass --data-dir, "
+            f"a folder in the official GLUE layout ({task.folder}/train.tsv and the dev file(s))"
         )
-    except FileNotFoundError as error:
-        sys.exit(
-            f"{error}\n--data-dir must be a folder in the official GLUE layout, e.g. glue_data/{args.task.folder}/."
-        )
+    except OSError as error:  # a missing or unreadable file
+        fail(f"{f'--data-dir {args.data_dir}: ' if args.data_dir is not None else ''}{error}")
+    except ValueError as error:
+        fail(str(error))
+    if args.predict:
+        missing = [split for split in task.submission_files if split not in data]
+        if missing:
+            files = ", ".join(str(Path(args.data_dir) / task.folder / task.split_files[split]) for split in missing)
+            fail(f"--predict needs the test split(s) {', '.join(missing)}: {files} not found")
     train_data = data["train"]
     if args.max_train_samples is not None and args.max_train_samples < len(train_data):
         train_data = train_data.shuffle(seed=args.seed).select(range(args.max_train_samples))
     return train_data, data
 
 
-def prepare_model(args: argparse.Namespace, model_path: str):
-    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=args.task.num_labels)
+def run_settings(args: argparse.Namespace, data) -> dict[str, Any]:
+    """Everything that shapes the result: what ``run.json`` holds and ``metrics.json`` repeats."""
+    task = args.task
+    labelled = [split for split in task.split_files if split not in task.submission_files]
+    if args.data_dir is None:
+        source: dict[str, Any] = {"hub": glue.HUB_DATASET}
+    else:
+        folder = Path(args.data_dir).resolve()
+        files = [f"{task.folder}/{task.split_files[split]}" for split in labelled]
+        source = {"data_dir": str(folder), "file_bytes": {name: (folder / name).stat().st_size for name in files}}
+    settings = {
+        "task": task.name,
+        "method": args.method,
+        "model": args.model,
+        "memory": args.memory.to_dict() if args.method == "spartan" else None,
+        "training": {
+            "learning_rate": args.lr,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "max_length": args.max_length,
+            "max_train_samples": args.max_train_samples,
+            "seed": args.seed,
+        },
+        "data": {**source, "rows": {split: data[split].num_rows for split in labelled}},
+    }
+    return json.loads(json.dumps(settings))  # as read back from run.json (lists, not tuples)
+
+
+def differences(then: Any, now: Any, label: str = "") -> list[str]:
+    """``"name: <then> then, <now> now"`` for each setting that differs."""
+    if isinstance(then, dict) and isinstance(now, dict):
+        found = []
+        for key in dict.fromkeys([*then, *now]):
+            name = key if not label or label in SETTING_GROUPS else f"{label}.{key}"
+            found += differences(then.get(key, "unset"), now.get(key, "unset"), name)
+        return found
+    return [] if then == now else [f"{label}: {_show(then)} then, {_show(now)} now"]
+
+
+def _show(value: Any) -> str:
+    """Strings as they are, other values as JSON; a long dict or list (a whole memory config) shortened."""
+    if isinstance(value, str):
+        return value
+    text = json.dumps(value)
+    return text if len(text) <= 60 or not isinstance(value, (dict, list)) else f"{text[:56]} ..."
+
+
+def prepare_output(args: argparse.Namespace, settings: dict[str, Any]) -> None:
+    """Refuse a run folder that holds a run with other settings (or start afresh with --overwrite:
+    delete the old run's files), then write ``run.json``; an output folder that cannot be written is
+    an error before any training."""
+    output = Path(args.output_dir)
+    run_file = output / RUN_NAME
+    old_task = None
+    if run_file.is_file():
+        try:
+            previous = json.loads(run_file.read_text(encoding="utf-8"))
+            problem = "; ".join(differences(previous, settings))
+            old_task = previous.get("task")
+        except (OSError, ValueError, AttributeError) as error:
+            problem = f"its {RUN_NAME} cannot be read: {error}"
+        if problem and not args.overwrite:
+            fail(f"{output} holds a run with other settings ({problem}): pass --overwrite to start afresh "
+                 f"or choose another --output-dir")
+    elif not args.overwrite and _holds_run_files(output):
+        fail(f"{output} holds a run without {RUN_NAME}, its settings unknown: pass --overwrite to start afresh "
+             f"or choose another --output-dir")
+    if os.environ.get("RANK", "0") != "0":  # launched on several processes: the first one writes
+        return
+    try:
+        if args.overwrite:
+            for name in CHECKPOINT_FOLDERS:
+                _io.remove_folder(output / name)
+            stale = [RUN_NAME, METRICS_NAME, LOG_NAME, *args.task.submission_files.values()]
+            if old_task in glue.GLUE_TASKS:
+                stale += glue.GLUE_TASKS[old_task].submission_files.values()
+            for name in stale:
+                (output / name).unlink(missing_ok=True)
+        _io.atomic_write_text(run_file, json.dumps(settings, indent=2) + "\n")
+    except OSError as error:
+        fail(f"cannot write the run into --output-dir {output}: {error.strerror or error}")
+
+
+def _holds_run_files(output: Path) -> bool:
+    folders = any(_io.existing_folder(output / name) is not None for name in CHECKPOINT_FOLDERS)
+    return folders or any((output / name).is_file() for name in (METRICS_NAME, LOG_NAME))
+
+
+def load_model_and_tokenizer(args: argparse.Namespace):
+    """The model (wrapped for spartan; only its head trainable for head) and its tokenizer."""
+    model_path = resolve_model(args.model)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=args.task.num_labels)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except OSError as error:
+        fail(f"cannot load --model {args.model}: {(str(error).strip().splitlines() or ['not found'])[0]}")
+    return prepare_model(args, model), tokenizer
+
+
+def prepare_model(args: argparse.Namespace, model):
     if args.method == "spartan":
-        spartan.wrap_model(
-            model,
-            num_parents=args.num_parents,
-            children_per_parent=args.children_per_parent,
-            top_k=args.top_k,
-            temperature=args.temperature,
-            train_layer_norms=args.train_layer_norms,
-        )
+        spartan.wrap_model(model, args.memory)
     elif args.method == "head":
         head = spartan.find_head(model)
         if not head:
-            sys.exit(f"{type(model).__name__} has no task head to train: use a sequence-classification model")
+            fail(f"{type(model).__name__} has no task head to train: use a sequence-classification model")
         for name, param in model.named_parameters():
             param.requires_grad_(any(name.startswith(f"{path}.") for path in head))
     return model
@@ -117,24 +257,27 @@ def prepare_model(args: argparse.Namespace, model_path: str):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    set_seed(args.seed)  # before anything draws random numbers: the new head, the memories' keys
     task = args.task
-    model_path = resolve_model(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
     train_data, data = load_data(args)
-    model = prepare_model(args, model_path)
+    settings = run_settings(args, data)
+    prepare_output(args, settings)
+    model, tokenizer = load_model_and_tokenizer(args)
     report = spartan.trainable_parameters(model)
+    progress = not args.no_progress
 
     def compute_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         return glue.compute_metrics(task, logits, labels)
 
     config = TrainingConfig(
         output_dir=str(args.output_dir),
-        learning_rate=args.lr or DEFAULT_LEARNING_RATES[args.method],
+        learning_rate=args.lr,
         num_epochs=args.epochs,
         batch_size=args.batch_size,
         metric_for_best=task.main_metric,
         seed=args.seed,
-        progress=not args.no_progress,
+        resume=not args.overwrite,
+        progress=progress,
     )
     result = train(
         model,
@@ -145,9 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=DataCollatorWithPadding(tokenizer),
     )
     metrics = {
-        "task": task.name,
-        "method": args.method,
-        "model": args.model,
+        **settings,
         "eval": {key: value for key, value in result.best_metrics.items() if key in task.metrics},
         "trainable_params": report["trainable_params"],
         "total_params": report["total_params"],
@@ -157,14 +298,22 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if task.name == "mnli":
         metrics["eval_mismatched"] = glue.evaluate(
-            model, tokenizer, task, split="validation_mismatched", dataset=data, max_length=args.max_length
+            model,
+            tokenizer,
+            task,
+            split="validation_mismatched",
+            dataset=data,
+            max_length=args.max_length,
+            progress=progress,
         )
     if args.predict:
         metrics["predictions"] = [
             str(path)
-            for path in glue.predict(model, tokenizer, task, args.output_dir, dataset=data, max_length=args.max_length)
+            for path in glue.predict(
+                model, tokenizer, task, args.output_dir, dataset=data, max_length=args.max_length, progress=progress
+            )
         ]
-    (args.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    _io.atomic_write_text(Path(args.output_dir) / METRICS_NAME, json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))
     return metrics
 

@@ -3,27 +3,32 @@
 Independent of the rest of spartan. Data comes from the Hub (``nyu-mll/glue``), from a folder in
 the official GLUE distribution layout (offline), or from CSV/JSON files with the Hub's columns.
 Metrics are computed locally (no ``evaluate.load`` download) with the Hub metric's key names.
+Submission files are written through ``spartan._io`` (atomic replacement), the one module of the
+package this one imports.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+import datasets
 import numpy as np
 import numpy.typing as npt
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset
+from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+from huggingface_hub.errors import HfHubHTTPError
 from scipy.stats import pearsonr, spearmanr
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from . import _io
 
 __all__ = [
     "GLUE_TASKS",
@@ -40,6 +45,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 HUB_DATASET = "nyu-mll/glue"
+HUB_CARD = "README.md"  # the first file datasets fetches for a Hub dataset
 
 
 @dataclass(frozen=True)
@@ -250,7 +256,10 @@ def load_glue(
         data_files: split -> ``.csv``, ``.json`` or ``.jsonl`` file with the Hub's columns
             (``label`` and ``idx`` may be missing: they become -1 and the row number).
 
-    With neither, the task is loaded from the Hub (``nyu-mll/glue``).
+    With neither, the task is loaded from the Hub (``nyu-mll/glue``), or from the local cache offline
+    (``HF_HUB_OFFLINE=1``). When the Hub cannot be reached and the task is not cached, a one-line
+    ``ConnectionError`` is raised at once (huggingface_hub would otherwise retry several times with
+    back-off before failing).
     """
     task = get_task(task)
     if data_dir is not None and data_files is not None:
@@ -260,15 +269,41 @@ def load_glue(
         return DatasetDict({split: _read_tsv_split(task, Path(data_dir), split) for split in splits})
     if data_files is not None:
         return DatasetDict({split: _load_data_file(task, Path(path)) for split, path in data_files.items()})
+    unreachable = None if datasets.config.HF_HUB_OFFLINE else _hub_unreachable()
+    if unreachable is not None and not _hub_cached():
+        raise _hub_error(task, unreachable) from unreachable  # not cached: load_dataset would retry, then fail
     try:
         return load_dataset(HUB_DATASET, task.name)
     except ConnectionError as error:
-        raise ConnectionError(
-            f"could not load {HUB_DATASET} ({task.name}) from the Hugging Face Hub: {error}. "
-            f"Offline, pass data_dir= a folder in the official GLUE layout "
-            f"(e.g. DATA_DIR/{task.folder}/{next(iter(task.split_files.values()))}), "
-            f"or data_files={{split: path}} with CSV/JSON files."
-        ) from error
+        raise _hub_error(task, error) from error
+
+
+def _hub_cached() -> bool:
+    """Whether the dataset card is in the local Hub cache (``load_dataset`` then falls back to it)."""
+    return isinstance(try_to_load_from_cache(HUB_DATASET, HUB_CARD, repo_type="dataset"), str)
+
+
+def _hub_unreachable() -> Exception | None:
+    """The error of one HEAD request for the dataset card, made without retries; ``None`` when the Hub
+    answered (any HTTP status: ``load_dataset`` then reports what the answer means)."""
+    endpoint = datasets.config.HF_ENDPOINT
+    url = hf_hub_url(HUB_DATASET, HUB_CARD, repo_type="dataset", endpoint=endpoint)
+    try:
+        get_hf_file_metadata(url, endpoint=endpoint)
+    except HfHubHTTPError:
+        return None
+    except Exception as error:  # network errors of the HTTP client huggingface_hub happens to use
+        return error
+    return None
+
+
+def _hub_error(task: GlueTask, error: BaseException) -> ConnectionError:
+    reason = (str(error).strip().splitlines() or [""])[0] or type(error).__name__
+    return ConnectionError(
+        f"could not load {HUB_DATASET} ({task.name}) from the Hugging Face Hub ({reason}); offline, pass "
+        f"data_dir= a folder in the official GLUE layout (e.g. DATA_DIR/{task.folder}/"
+        f"{next(iter(task.split_files.values()))}), or data_files={{split: path}} with CSV/JSON files"
+    )
 
 
 def _present_splits(task: GlueTask, data_dir: Path) -> list[str]:
@@ -516,6 +551,7 @@ def evaluate(
     batch_size: int = 64,
     max_length: int = 128,
     dataset: Dataset | DatasetDict | None = None,
+    progress: bool = True,
 ) -> dict[str, float]:
     """The model's GLUE metrics on a labelled split (see :func:`compute_metrics`).
 
@@ -526,6 +562,7 @@ def evaluate(
         data_dir: read the split from the official GLUE layout (see :func:`load_glue`);
             ``None`` loads it from the Hub.
         dataset: data to use instead: a :func:`load_glue` result, or one split of it.
+        progress: show a tqdm progress bar over the batches.
     """
     task = get_task(task)
     _check_model_and_tokenizer(model, tokenizer, task)
@@ -536,7 +573,7 @@ def evaluate(
             f"split {split!r} of {task.name} has unlabelled rows (label -1): GLUE test labels are hidden; "
             f"evaluate on a validation split, or write a submission with predict()"
         )
-    predictions = _run_model(model, tokenizer, task, data, batch_size, max_length, desc=f"{task.name} {split}")
+    predictions = _run_model(model, tokenizer, task, data, batch_size, max_length, f"{task.name} {split}", progress)
     return compute_metrics(task, predictions, references)
 
 
@@ -549,13 +586,14 @@ def predict(
     batch_size: int = 64,
     max_length: int = 128,
     dataset: DatasetDict | None = None,
+    progress: bool = True,
 ) -> list[Path]:
     """Predict the test split(s) and write the GLUE submission file(s) into ``output_dir``.
 
     Each file (``RTE.tsv``; MNLI: ``MNLI-m.tsv`` and ``MNLI-mm.tsv``; ``AX.tsv`` from an MNLI model)
     has the header ``index<TAB>prediction`` and one row per test example in ``idx`` order, holding
     the label as the server reads it (``entailment``, ``0``/``1``, an STS-B score in [0, 5], ...).
-    Files are written atomically. ``data_dir``/``dataset`` are as in :func:`evaluate`.
+    Files are written atomically. ``data_dir``, ``dataset`` and ``progress`` are as in :func:`evaluate`.
     Returns the paths written.
     """
     task = get_task(task)
@@ -567,12 +605,13 @@ def predict(
     paths = []
     for split, file_name in task.submission_files.items():
         data = _load_split(task, split, data_dir, dataset)
-        predictions = _run_model(model, tokenizer, task, data, batch_size, max_length, desc=f"{task.name} {split}")
+        predictions = _run_model(model, tokenizer, task, data, batch_size, max_length, f"{task.name} {split}", progress)
         indices = np.asarray(data["idx"])
         lines = ["index\tprediction"] + [
             f"{indices[row]}\t{task.format_prediction(predictions[row])}" for row in np.argsort(indices, kind="stable")
         ]
-        paths.append(_write_atomically(output_dir / file_name, "\n".join(lines) + "\n"))
+        text = "\n".join(lines) + "\n"  # "\n" line ends on every platform, as the GLUE server's files have
+        paths.append(_io.atomic_write(output_dir / file_name, lambda path: path.write_bytes(text.encode("utf-8"))))
     return paths
 
 
@@ -616,6 +655,7 @@ def _run_model(
     batch_size: int,
     max_length: int,
     desc: str,
+    progress: bool,
 ) -> np.ndarray:
     """Class ids (argmax of the logits), or the single output for regression, in dataset order."""
     if not len(data):
@@ -629,7 +669,7 @@ def _run_model(
     batch_logits = []
     try:
         with torch.no_grad():
-            for batch in tqdm(loader, desc=desc):
+            for batch in tqdm(loader, desc=desc, disable=not progress):
                 logits = getattr(model(**batch.to(device)), "logits", None)
                 if logits is None:
                     raise TypeError(
@@ -648,15 +688,3 @@ def _run_model(
     logits = torch.cat(batch_logits)
     return (logits[:, 0] if task.is_regression else logits.argmax(dim=-1)).numpy()
 
-
-def _write_atomically(path: Path, text: str) -> Path:
-    """Write ``text`` to a temporary file beside ``path``, then rename it to ``path``."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8", newline="\n") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path

@@ -1,11 +1,14 @@
 """spartan.glue on tiny files in the official GLUE layout and a tiny random BERT (no downloads)."""
 
+import ast
 import logging
 import re
 import shutil
+import time
 from pathlib import Path
 
 import datasets
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -13,6 +16,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizer
 
+import spartan._io
 from spartan import glue
 from spartan.glue import GLUE_TASKS, compute_metrics, evaluate, get_task, glue_score, load_glue, predict, tokenize_glue
 
@@ -190,8 +194,36 @@ def test_hub_failure_offline_points_to_data_dir(monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub")
 
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no request: straight to the (patched) loader
     monkeypatch.setattr(glue, "load_dataset", offline)
     with pytest.raises(ConnectionError, match=r"data_dir=.*DATA_DIR/RTE/train\.tsv"):
+        load_glue("rte")
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch, tmp_path):
+    """The Hub at an address where nothing listens, nothing in the caches, offline mode off."""
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+
+
+def test_unreachable_hub_fails_at_once_in_one_line(unreachable_hub, caplog):
+    started = time.perf_counter()
+    with caplog.at_level(logging.INFO), pytest.raises(ConnectionError) as error:
+        load_glue("rte")
+    assert time.perf_counter() - started < 15  # huggingface_hub's five retries with back-off take over 20 s
+    assert "Retrying" not in caplog.text
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith("could not load nyu-mll/glue (rte) from the Hugging Face Hub (")
+    assert "pass data_dir= a folder in the official GLUE layout (e.g. DATA_DIR/RTE/train.tsv)" in message
+
+
+def test_offline_mode_without_a_cache_fails_in_one_line(unreachable_hub, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConnectionError, match=r"^could not load nyu-mll/glue \(rte\).*OfflineModeIsEnabled.*data_dir="):
         load_glue("rte")
 
 
@@ -283,6 +315,45 @@ def test_evaluate_and_predict_accept_loaded_data(tokenizer, tmp_path):
     [from_files] = predict(model, tokenizer, "rte", tmp_path / "files", data_dir=FIXTURES)
     [from_data] = predict(model, tokenizer, "rte", tmp_path / "data", dataset=data)
     assert from_data.read_text() == from_files.read_text()
+
+
+def test_evaluate_and_predict_show_a_progress_bar_unless_told_not_to(tokenizer, tmp_path, capsys):
+    model = tiny_bert(tokenizer, 2)
+    evaluate(model, tokenizer, "rte", data_dir=FIXTURES, batch_size=2)
+    predict(model, tokenizer, "rte", tmp_path, data_dir=FIXTURES, batch_size=2)
+    err = capsys.readouterr().err
+    assert re.search(r"rte validation: 100%.* 2/2 ", err) and re.search(r"rte test: 100%.* 2/2 ", err)
+    evaluate(model, tokenizer, "rte", data_dir=FIXTURES, batch_size=2, progress=False)
+    predict(model, tokenizer, "rte", tmp_path, data_dir=FIXTURES, batch_size=2, progress=False)
+    err = capsys.readouterr().err
+    assert "rte validation" not in err and "rte test" not in err
+
+
+def test_submission_files_are_written_by_the_package_atomic_writer(tokenizer, tmp_path, monkeypatch):
+    written = []
+    atomic_write = spartan._io.atomic_write
+
+    def recording(target, write):
+        written.append(Path(target))
+        return atomic_write(target, write)
+
+    monkeypatch.setattr(spartan._io, "atomic_write", recording)
+    paths = predict(tiny_bert(tokenizer, 3), tokenizer, "mnli", tmp_path, data_dir=FIXTURES)
+    assert written == paths == [tmp_path / "MNLI-m.tsv", tmp_path / "MNLI-mm.tsv"]
+    assert b"\r" not in paths[0].read_bytes()
+
+
+def test_glue_imports_nothing_of_the_memories():
+    """glue.py works with any model: of spartan it may import the file helpers (spartan._io) alone."""
+    spartan_imports = set()
+    for node in ast.walk(ast.parse(Path(glue.__file__).read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:  # from . import x / from .x import y
+            spartan_imports |= {node.module} if node.module else {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module.split(".")[0] == "spartan":
+            spartan_imports.add(node.module)
+        elif isinstance(node, ast.Import):
+            spartan_imports |= {alias.name for alias in node.names if alias.name.split(".")[0] == "spartan"}
+    assert spartan_imports == {"_io"}
 
 
 def test_evaluate_refuses_unlabelled_split(tokenizer):
