@@ -6,6 +6,7 @@ from . import analysis
 from .analysis import RoutingStats, collect_routing
 from .checkpoint import load_memory, load_task_weights, read_checkpoint, save_memory
 from .config import SpartanConfig
+from .export import OnnxRuntimeModel, export_onnx
 from .inject import (
     TaskLabels,
     active_memory_name,
@@ -33,6 +34,7 @@ from .inject import (
     wrap_model,
 )
 from .memory import Routing, SparseHierarchicalMemory, load_balancing_loss
+from .multitask import forward_tasks
 from .training import TrainingConfig, TrainResult, padding_collator, train
 
 try:
@@ -41,6 +43,7 @@ except PackageNotFoundError:  # imported from a source tree that was never insta
     __version__ = "0+unknown"
 
 __all__ = [
+    "OnnxRuntimeModel",
     "Routing",
     "RoutingStats",
     "SparseHierarchicalMemory",
@@ -52,10 +55,12 @@ __all__ = [
     "add_memory",
     "auxiliary_loss",
     "collect_routing",
+    "export_onnx",
     "find_head",
     "find_layer_norms",
     "find_layers",
     "format_bytes",
+    "forward_tasks",
     "get_config",
     "get_hidden_size",
     "get_layer_paths",

@@ -190,7 +190,7 @@ class _RowNorm(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         weight = self.rows.row(f"{self.prefix}.weight")
-        shape = (len(weight), *([1] * (hidden.dim() - 2)), weight.shape[-1])  # [B, 1, ..., H]
+        shape = (weight.shape[0], *([1] * (hidden.dim() - 2)), weight.shape[-1])  # [B, 1, ..., H]
         out = self._normalize(hidden) * weight.view(shape).to(hidden.dtype)
         if self.has_bias:
             out = out + self.rows.row(f"{self.prefix}.bias").view(shape).to(hidden.dtype)

@@ -1,0 +1,405 @@
+"""Deploy a wrapped model on ONNX Runtime: one backbone graph for every task, tasks as files.
+
+``export_onnx`` writes a folder::
+
+    manifest.json            inputs, tasks (label count, problem type), memory shape, graphs, versions
+    backbone.onnx            the frozen backbone and the per-row memory, norm and head arithmetic
+    backbone.int8.onnx       with quantize="int8": the backbone's matrix products in int8
+    tasks/<name>/            one memory checkpoint per task (spartan.save_memory's format, ~1 MB)
+
+The tasks' tensors (memories, trained norms, head, temperature) are *inputs* of the graph, not
+part of it, stacked ``[T, ...]`` with a ``task_ids`` input ``[B]`` that picks each row's task. So
+the backbone is stored and loaded once, a task is added by dropping its checkpoint into the folder
+(``OnnxRuntimeModel.add_task``), and one call can serve a batch whose rows belong to different
+tasks. Dynamic int8 quantizes the backbone's weights (the graph's initializers); the memory
+tables and heads arrive as inputs and stay fp32.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import _validate as check
+from ._io import atomic_write_text, existing_folder, replace_folder
+from .checkpoint import read_checkpoint, save_memory
+from .config import SpartanConfig
+from .inject import get_hidden_size, get_layer_paths, get_task_labels, is_wrapped, memory_names
+from .multitask import TEMPERATURE, MemoryShape, RowTasks, memory_shape, output_layers, stack_tasks, task_tensors
+
+MANIFEST_NAME = "manifest.json"
+GRAPH_NAMES = {"fp32": "backbone.onnx", "int8": "backbone.int8.onnx"}
+TASKS_FOLDER = "tasks"
+MANIFEST_VERSION = 1
+DEFAULT_OPSET = 18
+QUANTIZED_OPS = ("MatMul", "Gemm", "Gather")
+
+__all__ = ["OnnxRuntimeModel", "export_onnx"]
+
+
+def export_onnx(
+    model: nn.Module,
+    output_dir: str | os.PathLike,
+    *,
+    quantize: str | None = None,
+    max_labels: int | None = None,
+    opset: int = DEFAULT_OPSET,
+) -> Path:
+    """Export a wrapped model and every task on it to a deployable folder (see the module docstring).
+
+    Args:
+        model: a model wrapped by ``spartan.wrap_model``; all its tasks must share one memory
+            shape (parents, children, top-k) and use the dense read.
+        output_dir: the folder to write (replaced whole if it exists).
+        quantize: ``None`` (fp32 only) or ``"int8"`` (also a dynamically quantized backbone).
+        max_labels: the most labels any task of this graph may have (tasks added later
+            included); default: the largest label count of the model's tasks, at least 8.
+        opset: the ONNX opset.
+
+    Returns:
+        ``output_dir``.
+    """
+    if not is_wrapped(model):
+        raise ValueError("export_onnx needs a model wrapped by spartan.wrap_model (with its tasks)")
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+    names = memory_names(model)
+    shape = _shared_shape(model, names)
+    labels = {name: get_task_labels(model, name) for name in names}
+    counts = [label.num_labels or 1 for label in labels.values()]
+    max_labels = check.positive_int("max_labels", max_labels) if max_labels is not None else max(8, *counts)
+    if max(counts) > max_labels:
+        raise ValueError(f"a task has {max(counts)} labels but max_labels is {max_labels}: raise max_labels")
+    uses_token_types = _uses_token_types(model)
+    padded = output_layers(model)
+    tensor_names = list(task_tensors(model))
+    was_training = model.training
+    model.eval()
+    try:
+        def write(folder: Path) -> None:
+            _export_graph(model, shape, tensor_names, padded, max_labels, uses_token_types, folder / GRAPH_NAMES["fp32"], opset)
+            if quantize == "int8":
+                _quantize(folder / GRAPH_NAMES["fp32"], folder / GRAPH_NAMES["int8"])
+            for name in names:
+                save_memory(model, folder / TASKS_FOLDER / name, name)
+            manifest = {
+                "manifest_version": MANIFEST_VERSION,
+                "spartan_version": _spartan_version(),
+                "opset": opset,
+                "graphs": {kind: file for kind, file in GRAPH_NAMES.items() if (folder / file).is_file()},
+                "default_graph": "int8" if quantize == "int8" else "fp32",
+                "inputs": ["input_ids", "attention_mask", *(["token_type_ids"] if uses_token_types else []), "task_ids"],
+                "task_tensors": tensor_names,
+                "padded_tensors": sorted(padded),
+                "max_labels": max_labels,
+                "memory_shape": vars(shape),
+                "backbone": {
+                    "model_type": getattr(getattr(model, "config", None), "model_type", type(model).__name__),
+                    "hidden_size": get_hidden_size(model),
+                    "layers": get_layer_paths(model),
+                },
+                "tasks": {name: labels[name].to_dict() for name in names},
+            }
+            atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
+
+        return replace_folder(Path(output_dir), write)
+    finally:
+        model.train(was_training)
+
+
+class OnnxRuntimeModel:
+    """Every task of a folder written by ``export_onnx``, served by one ONNX Runtime session.
+
+    Args:
+        output_dir: the exported folder.
+        providers: ONNX Runtime execution providers (default: CPU).
+        graph: ``"fp32"`` or ``"int8"`` (default: the manifest's, int8 when it was quantized).
+        threads: intra-op threads (default: ONNX Runtime's choice).
+
+    Examples::
+
+        >>> runtime = OnnxRuntimeModel("deploy/minilm")
+        >>> runtime.tasks
+        ['sst2', 'mrpc']
+        >>> logits = runtime("sst2", input_ids=ids, attention_mask=mask)            # [B, 2]
+        >>> mixed = runtime(["sst2", "mrpc"], input_ids=ids2, attention_mask=mask2)  # one task per row
+        >>> runtime.add_task("rte", "runs/rte-spartan/best")                        # no re-export
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        providers: Sequence[str] | None = None,
+        graph: str | None = None,
+        threads: int | None = None,
+    ) -> None:
+        import onnxruntime
+
+        self.folder = Path(output_dir)
+        manifest_file = self.folder / MANIFEST_NAME
+        if not manifest_file.is_file():
+            raise FileNotFoundError(f"{manifest_file} does not exist: {self.folder} is not a folder written by export_onnx")
+        try:
+            self.manifest = json.loads(manifest_file.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{manifest_file} is corrupt ({error}): export the model again") from None
+        if self.manifest.get("manifest_version") != MANIFEST_VERSION:
+            raise ValueError(
+                f"{manifest_file} has manifest_version {self.manifest.get('manifest_version')!r}; this spartan reads "
+                f"{MANIFEST_VERSION}: export again with this version or upgrade spartan"
+            )
+        graph = graph or self.manifest["default_graph"]
+        if graph not in self.manifest["graphs"]:
+            raise ValueError(f"graph {graph!r} is not in {self.folder}; it has {sorted(self.manifest['graphs'])}")
+        self.graph = graph
+        options = onnxruntime.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = check.positive_int("threads", threads)
+            options.inter_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(
+            str(self.folder / self.manifest["graphs"][graph]), options, providers=list(providers or ["CPUExecutionProvider"])
+        )
+        self._shapes = {i.name: i.shape for i in self.session.get_inputs()}
+        self._tasks: dict[str, dict[str, np.ndarray]] = {}
+        self._labels: dict[str, int] = {}
+        for name in self.manifest["tasks"]:
+            self._load_task(name, self.folder / TASKS_FOLDER / name)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self._tasks)
+
+    def num_labels(self, task: str) -> int:
+        return self._labels[self._known(task)]
+
+    def __call__(
+        self,
+        task: str | Sequence[str],
+        input_ids: Any,
+        attention_mask: Any = None,
+        token_type_ids: Any = None,
+    ) -> np.ndarray:
+        """Logits ``[B, L]`` (numpy float32) of ``task``'s head, or with one task name per row, of
+        each row's own task: then L is the largest label count among the rows' tasks and the
+        columns past a row's own count are NaN."""
+        input_ids = _token_array("input_ids", input_ids)
+        batch = len(input_ids)
+        attention_mask = np.ones_like(input_ids) if attention_mask is None else _token_array("attention_mask", attention_mask)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask has shape {attention_mask.shape}; it must match input_ids' {input_ids.shape}")
+        rows = [task] * batch if isinstance(task, str) else list(task)
+        if len(rows) != batch:
+            raise ValueError(f"{len(rows)} task names for {batch} rows: give one task, or one task name per row")
+        unique = list(dict.fromkeys(self._known(name) for name in rows))
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "token_type_ids" in self.manifest["inputs"]:
+            types = np.zeros_like(input_ids) if token_type_ids is None else _token_array("token_type_ids", token_type_ids)
+            if types.shape != input_ids.shape:
+                raise ValueError(f"token_type_ids has shape {types.shape}; it must match input_ids' {input_ids.shape}")
+            feeds["token_type_ids"] = types
+        elif token_type_ids is not None:
+            raise ValueError("this graph takes no token_type_ids (its backbone has none): leave them out")
+        feeds["task_ids"] = np.array([unique.index(name) for name in rows], dtype=np.int64)
+        for tensor in self.manifest["task_tensors"]:
+            stacked = [self._tasks[name][tensor] for name in unique]
+            feeds[tensor] = stacked[0] if len(stacked) == 1 else np.concatenate(stacked)
+        (logits,) = self.session.run(["logits"], feeds)
+        counts = np.array([self._labels[name] for name in rows])
+        logits = logits[:, : counts.max()].astype(np.float32, copy=True)
+        logits[np.arange(logits.shape[1])[None, :] >= counts[:, None]] = np.nan
+        return logits
+
+    def add_task(self, name: str, memory_checkpoint_dir: str | os.PathLike) -> None:
+        """Add a task saved by ``spartan.save_memory`` (trained after the export) to the live session
+        and to the folder, without re-exporting or reloading the backbone."""
+        name = check.identifier("task name", name)
+        if name in self._tasks:
+            raise ValueError(f"{self.folder} already has a task named {name!r}: choose another name")
+        self._load_task(name, memory_checkpoint_dir)
+        source = existing_folder(memory_checkpoint_dir) or Path(memory_checkpoint_dir)
+        replace_folder(self.folder / TASKS_FOLDER / name, lambda staging: _copy_files(source, staging))
+        self.manifest["tasks"][name] = dict(self._task_info[name])
+        atomic_write_text(self.folder / MANIFEST_NAME, json.dumps(self.manifest, indent=2) + "\n")
+
+    def _known(self, task: str) -> str:
+        if task not in self._tasks:
+            raise ValueError(f"no task named {task!r} in {self.folder}; it has {self.tasks}")
+        return task
+
+    def _load_task(self, name: str, folder: str | os.PathLike) -> None:
+        description, tensors = read_checkpoint(folder)
+        manifest = self.manifest
+        backbone = description["backbone"]
+        if (backbone["hidden_size"], backbone["layers"]) != (manifest["backbone"]["hidden_size"], manifest["backbone"]["layers"]):
+            raise ValueError(
+                f"the task at {folder} was trained on another backbone (hidden size {backbone['hidden_size']}, layers "
+                f"{(backbone['layers'] or [])[:2]}...) than {self.folder} serves (hidden size "
+                f"{manifest['backbone']['hidden_size']}): train it on this backbone"
+            )
+        config = SpartanConfig.from_dict(description["config"])
+        shape = MemoryShape(config.num_parents, config.children_per_parent, config.top_k)
+        if vars(shape) != manifest["memory_shape"]:
+            raise ValueError(
+                f"the task at {folder} has memories of shape {vars(shape)}, but this graph reads {manifest['memory_shape']}: "
+                "train it with the exported tasks' memory shape, or export again"
+            )
+        tensors = {key: value.float().numpy() for key, value in tensors.items()}
+        tensors[TEMPERATURE] = np.array(config.temperature, dtype=np.float32)
+        expected = set(manifest["task_tensors"])
+        if set(tensors) != expected:
+            missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+            raise ValueError(
+                f"the task at {folder} does not fit this graph: missing {missing[:3]}, unexpected {unexpected[:3]} "
+                "(its head or trained norms differ from the exported tasks')"
+            )
+        labels = description["task"]["num_labels"] or 1
+        if labels > manifest["max_labels"]:
+            raise ValueError(
+                f"the task at {folder} has {labels} labels; this graph takes at most {manifest['max_labels']}: "
+                "export again with a larger max_labels"
+            )
+        stacked = {}
+        padded = set(manifest["padded_tensors"])
+        for key in manifest["task_tensors"]:
+            value = tensors[key]
+            if key in padded:
+                value = np.concatenate([value, np.zeros((manifest["max_labels"] - len(value), *value.shape[1:]), value.dtype)])
+            want = self._shapes[key][1:]
+            if any(isinstance(w, int) and w != v for w, v in zip(want, value.shape)) or len(want) != value.ndim:
+                raise ValueError(f"{key} has shape {list(value.shape)} in {folder}; this graph takes {want}")
+            stacked[key] = np.ascontiguousarray(value[None])
+        self._tasks[name] = stacked
+        self._labels[name] = labels
+        self._task_info = getattr(self, "_task_info", {})
+        self._task_info[name] = description["task"]
+
+
+# -- internals -------------------------------------------------------------------------------
+
+
+class _Graph(nn.Module):
+    """The exported computation: token inputs, each row's task id and the stacked task tensors -> logits."""
+
+    def __init__(self, model: nn.Module, rows: RowTasks, tensor_names: list[str], uses_token_types: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.rows = rows
+        self.tensor_names = tensor_names
+        self.uses_token_types = uses_token_types
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None, task_ids: Tensor,
+                tensors: tuple[Tensor, ...]) -> Tensor:
+        self.rows.tensors = dict(zip(self.tensor_names, tensors))
+        self.rows.task_ids = task_ids
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.uses_token_types:
+            inputs["token_type_ids"] = token_type_ids
+        return self.model(**inputs).logits
+
+
+def _export_graph(
+    model: nn.Module,
+    shape: MemoryShape,
+    tensor_names: list[str],
+    padded: set[str],
+    max_labels: int,
+    uses_token_types: bool,
+    path: Path,
+    opset: int,
+) -> None:
+    rows = RowTasks(model, shape)
+    graph = _Graph(model, rows, tensor_names, uses_token_types)
+    names = memory_names(model)
+    example_tasks = [task_tensors(model, names[i % len(names)]) for i in range(2)]  # two, so T is not specialised
+    stacked = stack_tasks(example_tasks, padded, max_labels)
+    batch, length = 3, 8  # neither 0, 1 nor the task count, so no dimension is specialised
+    generator = torch.Generator().manual_seed(0)
+    vocab = getattr(model.config, "vocab_size", 100)
+    input_ids = torch.randint(3, max(4, vocab), (batch, length), generator=generator)
+    attention_mask = torch.ones(batch, length, dtype=torch.long)
+    token_types = torch.zeros(batch, length, dtype=torch.long) if uses_token_types else None
+    task_ids = torch.tensor([0, 1, 0])
+    tensors = tuple(stacked[name] for name in tensor_names)
+    b = torch.export.Dim("batch")
+    s = torch.export.Dim("sequence", max=getattr(model.config, "max_position_embeddings", 4096) or 4096)
+    t = torch.export.Dim("tasks")
+    dynamic = (
+        {0: b, 1: s},
+        {0: b, 1: s},
+        {0: b, 1: s} if uses_token_types else None,
+        {0: b},
+        tuple({0: t} for _ in tensor_names),
+    )
+    input_names = ["input_ids", "attention_mask", *(["token_type_ids"] if uses_token_types else []), "task_ids",
+                   *tensor_names]
+    with rows.active(), torch.no_grad():
+        try:
+            program = torch.export.export(
+                graph, (input_ids, attention_mask, token_types, task_ids, tensors), dynamic_shapes=dynamic, strict=False
+            )
+        except Exception as error:  # torch.export's messages run to pages: keep the first line, say what to do
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise RuntimeError(f"torch.export could not trace {type(model).__name__}: {first}") from error
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx_program = torch.onnx.export(
+        program, f=None, input_names=input_names, output_names=["logits"], opset_version=opset, dynamo=True
+    )
+    onnx_program.save(str(path), external_data=_needs_external_data(onnx_program))
+
+
+def _needs_external_data(onnx_program: Any) -> bool:
+    """Protocol buffers stop at 2 GiB: larger graphs keep their weights beside the graph file."""
+    total = sum(int(np.prod(t.shape)) * t.dtype.itemsize for t in onnx_program.model.graph.initializers.values())
+    return total > 1 << 30
+
+
+def _quantize(source: Path, target: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=list(QUANTIZED_OPS))
+
+
+def _shared_shape(model: nn.Module, names: list[str]) -> MemoryShape:
+    shapes = {name: memory_shape(model, name) for name in names}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"the tasks' memories differ in shape ({shapes}): one graph serves one memory shape")
+    return shapes[names[0]]
+
+
+def _uses_token_types(model: nn.Module) -> bool:
+    parameters = inspect.signature(model.forward).parameters
+    return "token_type_ids" in parameters and (getattr(model.config, "type_vocab_size", 0) or 0) > 1
+
+
+def _token_array(name: str, value: Any) -> np.ndarray:
+    array = value.detach().cpu().numpy() if isinstance(value, Tensor) else np.asarray(value)
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be a [batch, sequence] array, got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{name} must hold integers, got dtype {array.dtype}")
+    return array.astype(np.int64, copy=False)
+
+
+def _copy_files(source: Path, target: Path) -> None:
+    for file in source.iterdir():
+        if file.is_file():
+            shutil.copy2(file, target / file.name)
+
+
+def _spartan_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("spartan")
+    except PackageNotFoundError:
+        return "0+unknown"
+

@@ -1,0 +1,153 @@
+"""export_onnx / OnnxRuntimeModel on tiny random models: one graph, tasks as files, mixed batches."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+import spartan  # noqa: E402
+from spartan.export import OnnxRuntimeModel, export_onnx  # noqa: E402
+from spartan.multitask import forward_tasks  # noqa: E402
+from tests.tiny_models import VOCAB, tiny  # noqa: E402
+
+
+def token_batch(batch_size, length, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB, (batch_size, length), generator=generator)
+    attention_mask = torch.ones(batch_size, length, dtype=torch.long)
+    if batch_size > 1 and length > 2:
+        attention_mask[-1, -2:] = 0  # one padded row
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def randomise_task(model, name, seed):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in spartan.task_state_dict(model, name).values():
+            tensor.add_(0.3 * torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype))
+
+
+def two_task_model(architecture):
+    model = spartan.wrap_model(tiny(architecture), num_parents=6, top_k=2, value_init="normal", name="pairs")
+    spartan.add_memory(model, "nli", num_parents=6, top_k=2, value_init="normal", temperature=0.8, num_labels=3)
+    randomise_task(model, "pairs", 0)
+    randomise_task(model, "nli", 1)
+    return model.eval()
+
+
+def eager_logits(model, task, inputs):
+    spartan.set_active_memory(model, task)
+    with torch.no_grad():
+        return model(**inputs).logits.numpy()
+
+
+@pytest.fixture(scope="module")
+def bert_export(tmp_path_factory):
+    model = two_task_model("bert")
+    folder = export_onnx(model, tmp_path_factory.mktemp("deploy") / "bert", quantize="int8")
+    return model, folder
+
+
+@pytest.mark.parametrize("architecture", ["bert", "llama"])
+def test_onnx_runtime_matches_eager_for_every_shape(architecture, tmp_path, bert_export):
+    model, folder = bert_export if architecture == "bert" else (two_task_model(architecture), None)
+    if folder is None:
+        folder = export_onnx(model, tmp_path / architecture)
+    runtime = OnnxRuntimeModel(folder, graph="fp32")
+    assert runtime.tasks == ["pairs", "nli"]
+    for batch_size, length in [(1, 1), (1, 128), (4, 5), (32, 128)]:
+        inputs = token_batch(batch_size, length)
+        for task, labels in [("pairs", 2), ("nli", 3)]:
+            got = runtime(task, **{key: value.numpy() for key, value in inputs.items()})
+            assert got.shape == (batch_size, labels)
+            np.testing.assert_allclose(got, eager_logits(model, task, inputs), atol=1e-4, rtol=0)
+
+
+def test_mixed_task_batches_match_eager(bert_export):
+    model, folder = bert_export
+    runtime = OnnxRuntimeModel(folder, graph="fp32")
+    inputs = token_batch(5, 9, seed=2)
+    tasks = ["nli", "pairs", "pairs", "nli", "pairs"]
+    got = runtime(tasks, **{key: value.numpy() for key, value in inputs.items()})
+    with torch.no_grad():
+        expected = forward_tasks(model, tasks, **inputs).logits.numpy()
+    assert got.shape == (5, 3)
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    assert np.isnan(got[1, 2]) and not np.isnan(got[0]).any()
+
+
+def test_the_folder_holds_one_backbone_and_small_task_files(bert_export):
+    _, folder = bert_export
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["tasks"]["nli"]["num_labels"] == 3 and set(manifest["graphs"]) == {"fp32", "int8"}
+    graphs = sorted(p.name for p in folder.iterdir() if p.suffix == ".onnx")
+    assert graphs == ["backbone.int8.onnx", "backbone.onnx"]
+    assert sorted(p.name for p in (folder / "tasks").iterdir()) == ["nli", "pairs"]
+    fp32, int8 = (folder / "backbone.onnx").stat().st_size, (folder / "backbone.int8.onnx").stat().st_size
+    assert int8 < fp32
+    import onnx
+
+    quantized = onnx.load(str(folder / "backbone.int8.onnx"))
+    assert any(init.data_type == onnx.TensorProto.INT8 for init in quantized.graph.initializer)
+    task_inputs = {i.name for i in quantized.graph.input} & set(manifest["task_tensors"])
+    assert task_inputs == set(manifest["task_tensors"])  # the memory tables stay fp32 inputs
+    int8_runtime = OnnxRuntimeModel(folder)  # the default graph of a quantized export is int8
+    assert int8_runtime.graph == "int8"
+    inputs = {key: value.numpy() for key, value in token_batch(2, 6).items()}
+    assert np.isfinite(int8_runtime("pairs", **inputs)).all()
+
+
+def test_a_task_trained_after_the_export_is_added_without_re_export(bert_export, tmp_path):
+    model, folder = bert_export
+    import shutil
+
+    live = tmp_path / "live"
+    shutil.copytree(folder, live)
+    runtime = OnnxRuntimeModel(live, graph="fp32")
+    spartan.add_memory(model, "late", num_parents=6, top_k=2, value_init="normal", num_labels=1,
+                       problem_type="regression")
+    randomise_task(model, "late", 7)
+    checkpoint = spartan.save_memory(model, tmp_path / "late", "late")
+    runtime.add_task("late", checkpoint)
+    inputs = token_batch(3, 6)
+    np.testing.assert_allclose(
+        runtime("late", **{k: v.numpy() for k, v in inputs.items()}), eager_logits(model, "late", inputs), atol=1e-4
+    )
+    assert "late" in OnnxRuntimeModel(live, graph="fp32").tasks  # written into the folder too
+    spartan.set_active_memory(model, "pairs")
+    spartan.remove_memory(model, "late")
+
+
+def test_clear_errors(bert_export, tmp_path):
+    model, folder = bert_export
+    runtime = OnnxRuntimeModel(folder, graph="fp32")
+    inputs = {key: value.numpy() for key, value in token_batch(2, 6).items()}
+    with pytest.raises(ValueError, match="no task named 'nope'"):
+        runtime("nope", **inputs)
+    with pytest.raises(ValueError, match=r"\[batch, sequence\]"):
+        runtime("pairs", input_ids=inputs["input_ids"][0])
+    with pytest.raises(ValueError, match="integers"):
+        runtime("pairs", input_ids=inputs["input_ids"].astype(np.float32))
+    with pytest.raises(ValueError, match="one task name per row"):
+        runtime(["pairs"], **inputs)
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        runtime("pairs", input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"][:, :3])
+    with pytest.raises(FileNotFoundError, match="not a folder written by export_onnx"):
+        OnnxRuntimeModel(tmp_path)
+    other = spartan.wrap_model(tiny("bert", seed=3), num_parents=4, top_k=2)  # another memory shape
+    with pytest.raises(ValueError, match="memories of shape"):
+        runtime.add_task("other", spartan.save_memory(other, tmp_path / "other"))
+    llama = spartan.wrap_model(tiny("llama"), num_parents=6, top_k=2)
+    with pytest.raises(ValueError, match="another backbone"):
+        runtime.add_task("llama", spartan.save_memory(llama, tmp_path / "llama"))
+    corrupt = spartan.save_memory(model, tmp_path / "corrupt", "pairs")
+    weights = corrupt / "spartan_memory.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-3] + b"xyz")
+    with pytest.raises(ValueError, match="checksum"):
+        runtime.add_task("corrupt", corrupt)
+    with pytest.raises(ValueError, match="not wrapped|wrapped by spartan"):
+        export_onnx(tiny("bert"), tmp_path / "bare")
