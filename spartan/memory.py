@@ -310,14 +310,16 @@ def dense_read(
     child_weights = (_upcast(child_logits).unflatten(-1, (C, P)) / temperature).softmax(dim=-2)
     selected = torch.zeros_like(parent_logits, dtype=child_weights.dtype)  # no Python ints from shapes
     selected = selected.scatter(-1, top_indices, parent_weights.to(child_weights.dtype))  # [..., P]
-    # where, not a product alone: unselected slots get exactly zero gradient even from inf upstream
-    keep = (selected > 0).unsqueeze(-2)  # [..., 1, P]; a kept parent whose weight underflows to 0 reads nothing
-    slot_weights = torch.where(keep, selected.unsqueeze(-2) * child_weights, 0.0).flatten(-2)  # [..., C*P]
-    if values.requires_grad and torch.is_grad_enabled() and values.dim() == 2:
-        # values of parents no token selected: exactly zero gradient (a product with a zero
-        # weight would turn an infinite upstream gradient into NaN)
-        used = keep.flatten(0, -2).any(dim=0).repeat(C)  # [C*P], child-major like the values' rows
-        values = torch.where(used.unsqueeze(1), values, 0.0)
+    slot_weights = selected.unsqueeze(-2) * child_weights  # [..., C, P], zero outside the top-k
+    if torch.is_grad_enabled() and (tokens.requires_grad or keys.requires_grad or values.requires_grad):
+        # where, not the product alone: unselected slots, and the values of parents no token selected,
+        # get exactly zero gradient even from a non-finite upstream one (0 * inf would be NaN)
+        keep = (selected > 0).unsqueeze(-2)  # [..., 1, P]; a kept parent whose weight underflows to 0 reads nothing
+        slot_weights = torch.where(keep, slot_weights, 0.0)
+        if values.requires_grad and values.dim() == 2:
+            used = keep.flatten(0, -2).any(dim=0).repeat(C)  # [C*P], child-major like the values' rows
+            values = torch.where(used.unsqueeze(1), values, 0.0)
+    slot_weights = slot_weights.flatten(-2)  # [..., C*P]
     if residual is not None and tokens.dim() == 2 and _same_dtypes(residual, slot_weights, values):
         out = torch.addmm(residual, slot_weights, values)
     else:
