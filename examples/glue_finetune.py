@@ -279,14 +279,17 @@ def main(argv: list[str] | None = None) -> dict:
         resume=not args.overwrite,
         progress=progress,
     )
-    result = train(
-        model,
-        glue.tokenize_glue(train_data, tokenizer, task, args.max_length).remove_columns("idx"),
-        glue.tokenize_glue(data[task.validation_split], tokenizer, task, args.max_length).remove_columns("idx"),
-        config,
-        compute_metrics=compute_metrics,
-        data_collator=DataCollatorWithPadding(tokenizer),
-    )
+    try:
+        result = train(
+            model,
+            glue.tokenize_glue(train_data, tokenizer, task, args.max_length).remove_columns("idx"),
+            glue.tokenize_glue(data[task.validation_split], tokenizer, task, args.max_length).remove_columns("idx"),
+            config,
+            compute_metrics=compute_metrics,
+            data_collator=DataCollatorWithPadding(tokenizer),
+        )
+    except ValueError as error:  # e.g. a resume refused because the run's settings differ
+        sys.exit(f"error: {error}")
     metrics = {
         **settings,
         "eval": {key: value for key, value in result.best_metrics.items() if key in task.metrics},
