@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from . import _validate as check
 from ._io import atomic_write_text
-from .memory import IMPLEMENTATIONS, VALUE_INITS, memory_parameter_count, validate_memory_shape
+from .memory import IMPLEMENTATIONS, PARENT_KEYS, VALUE_INITS, memory_parameter_count, validate_memory_shape
 
 ConfigT = TypeVar("ConfigT", bound="JsonConfig")
 
@@ -70,6 +70,10 @@ class SpartanConfig(JsonConfig):
             (the paper's random initialisation).
         implementation: ``"dense"`` (exportable), ``"sparse"`` (gathered, for large memories) or
             ``"auto"`` (picked by size).
+        parent_keys: ``"flat"`` (P keys scored by brute force) or ``"product"`` (P = n * n parents
+            scored through two tables of n half-size sub-keys: for memories with many parents).
+        sparse_gradients: with product keys and the sparse read, the child keys and values get
+            sparse gradients of the rows read (for ``torch.optim.SparseAdam``).
         aux_loss_weight: weight of the load-balancing loss added to the model's loss in training.
         layers: module path(s) of the layer list(s) to wrap, e.g. ``"bert.encoder.layer"``;
             ``None`` finds them automatically (every stack of an encoder-decoder model).
@@ -89,14 +93,17 @@ class SpartanConfig(JsonConfig):
     value_init: str = "zeros"
     implementation: str = "auto"
     aux_loss_weight: float = 0.01
+    parent_keys: str = "flat"
+    sparse_gradients: bool = False
     layers: list[str] | None = None
     modules_to_save: list[str] | None = None
     train_layer_norms: bool = True
 
     def __post_init__(self) -> None:
         self.num_parents, self.children_per_parent, self.top_k, self.temperature = validate_memory_shape(
-            self.num_parents, self.children_per_parent, self.top_k, self.temperature
+            self.num_parents, self.children_per_parent, self.top_k, self.temperature, self.parent_keys
         )
+        self.sparse_gradients = check.boolean("sparse_gradients", self.sparse_gradients)
         self.value_init = check.choice("value_init", self.value_init, VALUE_INITS)
         self.implementation = check.choice("implementation", self.implementation, IMPLEMENTATIONS)
         self.aux_loss_weight = check.number("aux_loss_weight", self.aux_loss_weight, minimum=0)
@@ -107,5 +114,5 @@ class SpartanConfig(JsonConfig):
     def memory_parameters(self, hidden_size: int) -> int:
         """Parameters of one memory of this shape at hidden size ``hidden_size`` (one wrapped layer)."""
         return memory_parameter_count(
-            check.positive_int("hidden_size", hidden_size), self.num_parents, self.children_per_parent
+            check.positive_int("hidden_size", hidden_size), self.num_parents, self.children_per_parent, self.parent_keys
         )

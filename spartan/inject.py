@@ -641,6 +641,8 @@ def _build_memories(model: nn.Module, state: _WrapState, hidden_size: int, confi
                 temperature=config.temperature,
                 value_init=config.value_init,
                 implementation=config.implementation,
+                parent_keys=config.parent_keys,
+                sparse_gradients=config.sparse_gradients,
                 device=None if reference is None else reference.device,
                 dtype=None if reference is None else reference.dtype,
             )

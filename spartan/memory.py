@@ -15,13 +15,15 @@ from . import _validate as check
 
 IMPLEMENTATIONS = ("auto", "dense", "sparse")
 VALUE_INITS = ("zeros", "normal")
+PARENT_KEYS = ("flat", "product")
 
 # "auto" reads memories of up to this many child slots (P * C) densely; the dense cost grows with
-# P * C, the sparse one with P + k * C (the crossover is measured in benchmarks/results/memory_layer.md).
+# P * C, the sparse one with k * C per token (the crossover is measured in benchmarks/results/memory_layer.md).
 DENSE_MAX_SLOTS = 2048
-# The sparse path reads this many tokens at a time, so its gathered activations stay near
-# chunk_tokens * top_k * H values whatever the batch.
-SPARSE_CHUNK_TOKENS = 1024
+# The sparse read gathers the selected children of this many bytes' worth of tokens at a time
+# (keys, values and, in the backward pass, their gradients), so its activations stay bounded
+# whatever the batch.
+SPARSE_CHUNK_BYTES = 64 * 2**20
 
 
 class Routing(NamedTuple):
@@ -32,7 +34,7 @@ class Routing(NamedTuple):
 
 
 def validate_memory_shape(
-    num_parents: Any, children_per_parent: Any, top_k: Any, temperature: Any
+    num_parents: Any, children_per_parent: Any, top_k: Any, temperature: Any, parent_keys: Any = "flat"
 ) -> tuple[int, int, int, float]:
     """The memory's shape, normalised (NumPy and string numbers taken); a ValueError names the first
     invalid parameter and the fix."""
@@ -41,12 +43,21 @@ def validate_memory_shape(
     top_k = check.positive_int("top_k", top_k)
     if top_k > num_parents:
         raise ValueError(f"top_k ({top_k}) cannot exceed num_parents ({num_parents}): lower top_k or add parents")
+    if check.choice("parent_keys", parent_keys, PARENT_KEYS) == "product" and math.isqrt(num_parents) ** 2 != num_parents:
+        raise ValueError(
+            f"parent_keys='product' needs num_parents = n * n (n sub-keys per half), got {num_parents}: "
+            f"try {math.isqrt(num_parents) ** 2} or {(math.isqrt(num_parents) + 1) ** 2}"
+        )
     return num_parents, children_per_parent, top_k, check.positive_number("temperature", temperature)
 
 
-def memory_parameter_count(hidden_size: int, num_parents: int, children_per_parent: int) -> int:
-    """Parameters of one memory: ``P`` parent keys, ``P*C`` child keys and ``P*C`` child values of size H."""
-    return (num_parents + 2 * num_parents * children_per_parent) * hidden_size
+def memory_parameter_count(
+    hidden_size: int, num_parents: int, children_per_parent: int, parent_keys: str = "flat"
+) -> int:
+    """Parameters of one memory: the parent keys (``P`` of size H, or two tables of ``sqrt(P)``
+    half-size sub-keys), ``P*C`` child keys and ``P*C`` child values of size H."""
+    parents = num_parents * hidden_size if parent_keys == "flat" else math.isqrt(num_parents) * hidden_size
+    return parents + 2 * num_parents * children_per_parent * hidden_size
 
 
 class SparseHierarchicalMemory(nn.Module):
@@ -58,27 +69,42 @@ class SparseHierarchicalMemory(nn.Module):
     parents that were not selected take no part, in the forward or the backward pass (their
     gradients are exactly zero, even when the upstream gradient is not finite).
 
-    The parameters are stored in the layout the dense read uses, so no derived copy of them
-    exists that a write could leave stale: ``keys`` ``[P + C*P, H]`` holds the P parent keys,
-    then the child keys child-major (row ``P + c*P + p`` is child ``c`` of parent ``p``);
-    ``values`` ``[C*P, H]`` holds the child values in the same order. ``parent_keys``
-    ``[P, H]``, ``child_keys`` and ``child_values`` ``[P, C, H]`` are views of them.
+    Parent keys come in two kinds. ``"flat"``: P keys of size H, scored by brute force.
+    ``"product"`` (product keys, Lample et al. 2019): P = n * n parents, parent ``(i, j)`` scored
+    as ``h[:H/2] @ sub_keys[0, i] + h[H/2:] @ sub_keys[1, j]``; the exact top-k is found from the
+    top-k of each half (the best k of the k x k sums), so selection costs about ``2n * H/2``
+    multiply-adds per token instead of ``n^2 * H``.
+
+    The parameters are stored in the layout the reads use, so no derived copy of them exists that
+    a write could leave stale. ``keys``: with flat parents ``[P + C*P, H]``, the P parent keys and
+    then the child keys child-major (row ``P + c*P + p`` is child ``c`` of parent ``p``); with
+    product keys ``[C*P, H]``, the child keys alone (row ``c*P + p``), beside ``sub_keys``
+    ``[2, n, H/2]``. ``values`` ``[C*P, H]`` holds the child values in the children's order.
+    ``parent_keys`` ``[P, H]``, ``child_keys`` and ``child_values`` ``[P, C, H]`` are views
+    (for product keys ``parent_keys`` is built from the sub-keys).
 
     Two implementations give the same results: ``"dense"`` scores all ``P + P*C`` keys with one
     matrix product and mixes the values with another (fastest for small memories; traceable and
-    exportable with dynamic shapes); ``"sparse"`` groups the tokens by selected parent and reads
-    only those parents' children, so work and activation memory per token grow with
-    ``P + top_k * C`` rather than ``P * C`` (eager only: tracing or exporting it is refused).
+    exportable with dynamic shapes); ``"sparse"`` gathers each token's ``top_k * C`` selected
+    children, a bounded number of tokens at a time, and computes its own backward pass into one
+    gradient buffer (or, with ``sparse_gradients``, sparse gradients of the rows read), so work
+    and activation memory per token grow with ``top_k * C`` rather than ``P * C`` (eager only:
+    tracing or exporting it is refused).
 
     Args:
         hidden_size: H, the size of the hidden states read and returned.
-        num_parents: P.
+        num_parents: P (a square n * n with product keys).
         children_per_parent: C.
         top_k: parents kept per token.
         temperature: divides the child logits.
         value_init: ``"zeros"`` (the read-out starts at exactly zero) or ``"normal"``.
         implementation: ``"dense"``, ``"sparse"`` or ``"auto"`` (dense up to ``DENSE_MAX_SLOTS`` slots).
-        chunk_tokens: tokens the sparse path reads at a time; bounds its peak memory.
+        parent_keys: ``"flat"`` or ``"product"``.
+        sparse_gradients: the sparse read gives ``keys`` and ``values`` sparse gradients holding
+            only the rows read (step them with ``torch.optim.SparseAdam``); needs product keys
+            and the sparse implementation.
+        chunk_tokens: tokens the sparse read gathers at a time; ``None`` picks it from
+            ``SPARSE_CHUNK_BYTES`` and the memory's shape.
 
     Shape:
         - Input: ``hidden_states`` ``[..., H]``; optional ``residual`` of the same shape.
@@ -93,12 +119,13 @@ class SparseHierarchicalMemory(nn.Module):
         >>> hidden = torch.randn(2, 10, 384)
         >>> memory(hidden, residual=hidden).shape
         torch.Size([2, 10, 384])
-        >>> memory.last_routing.indices.shape
-        torch.Size([2, 10, 8])
+        >>> large = SparseHierarchicalMemory(384, 256 * 256, 4, 8, parent_keys="product")
+        >>> large(hidden).shape, large.implementation
+        (torch.Size([2, 10, 384]), 'sparse')
     """
 
     # State-dict layout. 1: parent_keys [P, H], child_keys and child_values [P, C, H];
-    # 2: keys [P + C*P, H] and values [C*P, H]. Version-1 state dicts load (converted).
+    # 2: keys and values as described above. Version-1 state dicts load (converted).
     _version = 2
 
     def __init__(
@@ -110,18 +137,23 @@ class SparseHierarchicalMemory(nn.Module):
         temperature: float = 1.0,
         value_init: str = "zeros",
         implementation: str = "auto",
-        chunk_tokens: int = SPARSE_CHUNK_TOKENS,
+        parent_keys: str = "flat",
+        sparse_gradients: bool = False,
+        chunk_tokens: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         hidden_size = check.positive_int("hidden_size", hidden_size)
         num_parents, children_per_parent, top_k, temperature = validate_memory_shape(
-            num_parents, children_per_parent, top_k, temperature
+            num_parents, children_per_parent, top_k, temperature, parent_keys
         )
         self.value_init = check.choice("value_init", value_init, VALUE_INITS)
         implementation = check.choice("implementation", implementation, IMPLEMENTATIONS)
-        self.chunk_tokens = check.positive_int("chunk_tokens", chunk_tokens)
+        self.parent_key_kind = parent_keys
+        if parent_keys == "product" and hidden_size % 2:
+            raise ValueError(f"parent_keys='product' splits the hidden state in halves: hidden_size must be even, got {hidden_size}")
+        self.chunk_tokens = check.optional_positive_int("chunk_tokens", chunk_tokens)
         self.hidden_size = hidden_size
         self.num_parents = num_parents
         self.children_per_parent = children_per_parent
@@ -130,9 +162,20 @@ class SparseHierarchicalMemory(nn.Module):
         if implementation == "auto":
             implementation = "dense" if num_parents * children_per_parent <= DENSE_MAX_SLOTS else "sparse"
         self.implementation = implementation
+        self.sparse_gradients = check.boolean("sparse_gradients", sparse_gradients)
+        if self.sparse_gradients and (parent_keys != "product" or implementation != "sparse"):
+            raise ValueError(
+                "sparse_gradients needs parent_keys='product' and implementation='sparse' (or 'auto' for a large memory)"
+            )
         slots = num_parents * children_per_parent
         factory = {"device": device, "dtype": dtype}
-        self.keys = nn.Parameter(torch.empty(num_parents + slots, hidden_size, **factory))
+        if parent_keys == "product":
+            side = math.isqrt(num_parents)
+            self.sub_keys = nn.Parameter(torch.empty(2, side, hidden_size // 2, **factory))
+            self.keys = nn.Parameter(torch.empty(slots, hidden_size, **factory))
+        else:
+            self.sub_keys = None
+            self.keys = nn.Parameter(torch.empty(num_parents + slots, hidden_size, **factory))
         self.values = nn.Parameter(torch.empty(slots, hidden_size, **factory))
         self.last_routing: Routing | None = None
         self.reset_parameters()
@@ -140,6 +183,8 @@ class SparseHierarchicalMemory(nn.Module):
     def reset_parameters(self) -> None:
         std = 1.0 / math.sqrt(self.hidden_size)  # logits of unit-scale hidden states start near unit scale
         nn.init.normal_(self.keys, std=std)
+        if self.sub_keys is not None:
+            nn.init.normal_(self.sub_keys, std=std)
         if self.value_init == "zeros":
             nn.init.zeros_(self.values)
         else:
@@ -147,10 +192,12 @@ class SparseHierarchicalMemory(nn.Module):
 
     # -- views of the parameters ---------------------------------------------------------------
 
-    def split_keys(self, keys: Tensor) -> tuple[Tensor, Tensor]:
+    def split_keys(self, keys: Tensor) -> tuple[Tensor | None, Tensor]:
         """Views of a tensor shaped like ``keys`` (the parameter, its gradient, an optimizer state):
-        the parent part ``[P, H]`` and the child part ``[P, C, H]``."""
+        the parent part ``[P, H]`` (None with product keys) and the child part ``[P, C, H]``."""
         P, C = self.num_parents, self.children_per_parent
+        if self.sub_keys is not None:
+            return None, keys.view(C, P, -1).transpose(0, 1)
         return keys[:P], keys[P:].view(C, P, -1).transpose(0, 1)
 
     def split_values(self, values: Tensor) -> Tensor:
@@ -159,8 +206,13 @@ class SparseHierarchicalMemory(nn.Module):
 
     @property
     def parent_keys(self) -> Tensor:
-        """``[P, H]``, a view of ``keys``."""
-        return self.split_keys(self.keys)[0]
+        """``[P, H]``: a view of ``keys``, or with product keys every pair of sub-keys, concatenated."""
+        if self.sub_keys is None:
+            return self.split_keys(self.keys)[0]
+        side = self.sub_keys.shape[1]
+        first = self.sub_keys[0].repeat_interleave(side, dim=0)  # parent i * n + j: sub-key i of the first half
+        second = self.sub_keys[1].repeat(side, 1)  # ... and sub-key j of the second
+        return torch.cat([first, second], dim=-1)
 
     @property
     def child_keys(self) -> Tensor:
@@ -173,15 +225,16 @@ class SparseHierarchicalMemory(nn.Module):
         return self.split_values(self.values)
 
     @staticmethod
-    def parameter_count(hidden_size: int, num_parents: int, children_per_parent: int) -> int:
+    def parameter_count(hidden_size: int, num_parents: int, children_per_parent: int, parent_keys: str = "flat") -> int:
         """The number of parameters of a memory of this shape."""
-        return memory_parameter_count(hidden_size, num_parents, children_per_parent)
+        return memory_parameter_count(hidden_size, num_parents, children_per_parent, parent_keys)
 
     def extra_repr(self) -> str:
         return (
             f"hidden_size={self.hidden_size}, num_parents={self.num_parents}, "
             f"children_per_parent={self.children_per_parent}, top_k={self.top_k}, "
-            f"temperature={self.temperature}, implementation={self.implementation!r}"
+            f"temperature={self.temperature}, implementation={self.implementation!r}, "
+            f"parent_keys={self.parent_key_kind!r}"
         )
 
     # -- reading -------------------------------------------------------------------------------
@@ -189,7 +242,9 @@ class SparseHierarchicalMemory(nn.Module):
     def parent_logits(self, hidden_states: Tensor) -> Tensor:
         """Every parent's logit for every token, by brute force: ``[..., H] -> [..., P]``."""
         self._check_input(hidden_states)
-        return hidden_states @ self.parent_keys.T
+        if self.sub_keys is None:
+            return hidden_states @ self.parent_keys.T
+        return product_parent_logits(hidden_states, self.sub_keys)
 
     def forward(self, hidden_states: Tensor, residual: Tensor | None = None) -> Tensor:
         """Read the memory; with ``residual`` (shaped like ``hidden_states``), return ``residual`` plus
@@ -220,61 +275,179 @@ class SparseHierarchicalMemory(nn.Module):
     def _refuse_tracing(self) -> None:
         if torch.jit.is_tracing() or torch.compiler.is_exporting():
             raise RuntimeError(
-                "the sparse memory path groups tokens by parent with data-dependent sizes and cannot be traced "
-                "or exported: build the memory with implementation='dense' (SpartanConfig(implementation='dense'))"
+                "the sparse memory path reads data-dependent rows and cannot be traced or exported: build the "
+                "memory with implementation='dense' (SpartanConfig(implementation='dense'))"
             )
 
     def _read_dense(self, tokens: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        parent_logits = None if self.sub_keys is None else product_parent_logits(tokens, self.sub_keys)
         return dense_read(
             tokens, self.keys, self.values, self.num_parents, self.children_per_parent, self.top_k, self.temperature,
-            residual,
+            residual, parent_logits=parent_logits,
         )
 
-    @torch.compiler.disable  # a data-dependent loop over parents: run it eagerly inside compiled graphs
+    @torch.compiler.disable  # data-dependent gathers in chunks: run eagerly inside compiled graphs
     def _read_sparse(self, tokens: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        parent_logits = tokens @ self.parent_keys.T  # [N, P]
-        top_indices, parent_weights = _select_parents(parent_logits, self.top_k)  # [N, k]
-        # unbind, not indexing: its backward builds each gradient once, not one full-size tensor per parent
-        keys, values = self.child_keys.unbind(0), self.child_values.unbind(0)  # P x [C, H]
-        base = torch.zeros_like(tokens) if residual is None else residual
-        if len(tokens) == 0:
-            return base + 0 * tokens, top_indices, parent_weights
-        chunks = zip(*(t.split(self.chunk_tokens) for t in (tokens, base, top_indices, parent_weights)))
-        out = torch.cat([self._read_children(*chunk, keys, values) for chunk in chunks])
+        P = self.num_parents
+        if self.sub_keys is None:
+            top_indices, parent_weights = _select_parents(tokens @ self.parent_keys.T, self.top_k)  # [N, k]
+            child_keys = self.keys[P:]
+        else:
+            top_indices, top_logits = product_top_k(tokens, self.sub_keys, self.top_k)
+            parent_weights = _upcast(top_logits).softmax(dim=-1).to(top_logits.dtype)
+            child_keys = self.keys
+        chunk = self.chunk_tokens or sparse_chunk_tokens(
+            self.top_k, self.children_per_parent, self.hidden_size, self.values.element_size()
+        )
+        read = gather_read(
+            tokens, top_indices, parent_weights, child_keys, self.values, P, self.children_per_parent,
+            self.temperature, chunk, self.sparse_gradients,
+        )
+        out = read.to(tokens.dtype) if residual is None else residual + read.to(residual.dtype)
         return out, top_indices, parent_weights
-
-    def _read_children(
-        self,
-        tokens: Tensor,
-        base: Tensor,
-        top_indices: Tensor,
-        parent_weights: Tensor,
-        keys: tuple[Tensor, ...],
-        values: tuple[Tensor, ...],
-    ) -> Tensor:
-        """``base`` [n, H] plus the weighted child read-out of n tokens whose top-k parents are
-        selected; ``keys`` and ``values`` hold each parent's children ([C, H] each)."""
-        k = self.top_k
-        # Group the n*k (token, parent) pairs by parent, then read each used parent's children with
-        # two small matrix products: per token, work and memory grow with k*C, and every child key
-        # and value is read once per chunk, not once per token that selected its parent.
-        pair_parents = top_indices.flatten()
-        order = pair_parents.argsort(stable=True)
-        pair_tokens = order // k  # [n*k], grouped by parent
-        group_sizes = torch.bincount(pair_parents, minlength=self.num_parents).tolist()
-        grouped_tokens = tokens[pair_tokens].split(group_sizes)  # per parent: [n_p, H]
-        grouped_weights = parent_weights.flatten()[order].unsqueeze(-1).split(group_sizes)  # per parent: [n_p, 1]
-        weighted = torch.cat([
-            (_upcast(rows @ keys[parent].T / self.temperature).softmax(dim=-1) * weights).to(values[parent].dtype)
-            @ values[parent]
-            for parent, (rows, weights) in enumerate(zip(grouped_tokens, grouped_weights))
-            if len(rows)
-        ])  # [n*k, H]: each (token, parent) pair's weighted read-out
-        return base.index_add(0, pair_tokens, weighted.to(base.dtype))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
         _upgrade_state_dict_v1(state_dict, prefix)  # a version-1 layout (parent_keys, ...) is converted
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+
+
+def product_parent_logits(tokens: Tensor, sub_keys: Tensor) -> Tensor:
+    """Every product-key parent's logit, by brute force: ``[..., H]`` and sub-keys ``[2, n, H/2]``
+    (or ``[B, 2, n, H/2]`` per row of ``[B, S, H]`` tokens) -> ``[..., n * n]`` (parent ``i * n + j``)."""
+    first, second = _half_scores(tokens, sub_keys)  # [..., n] each
+    return (first.unsqueeze(-1) + second.unsqueeze(-2)).flatten(-2)
+
+
+def product_top_k(tokens: Tensor, sub_keys: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """The exact top-k product-key parents of each token and their logits, best first, from the
+    top-k of each half: ``[N, H]``, ``[2, n, H/2]`` -> ids ``[N, k]``, logits ``[N, k]``."""
+    side = sub_keys.shape[-2]
+    first, second = _half_scores(tokens, sub_keys)  # [N, n]
+    kept = min(top_k, side)
+    first_top, first_ids = first.topk(kept, dim=-1)  # [N, k']
+    second_top, second_ids = second.topk(kept, dim=-1)
+    sums = (first_top.unsqueeze(-1) + second_top.unsqueeze(-2)).flatten(-2)  # [N, k' * k']
+    logits, pairs = sums.topk(top_k, dim=-1)  # the best k of the k' x k' candidates hold the best k of all
+    parents = first_ids.gather(-1, pairs // kept) * side + second_ids.gather(-1, pairs % kept)
+    return parents, logits
+
+
+def _half_scores(tokens: Tensor, sub_keys: Tensor) -> tuple[Tensor, Tensor]:
+    half = tokens.shape[-1] // 2
+    return tokens[..., :half] @ sub_keys[..., 0, :, :].transpose(-1, -2), tokens[..., half:] @ sub_keys[..., 1, :, :].transpose(-1, -2)
+
+
+def sparse_chunk_tokens(top_k: int, children_per_parent: int, hidden_size: int, element_size: int = 4) -> int:
+    """Tokens the sparse read gathers at a time: four ``[tokens, top_k * C, H]`` buffers (keys,
+    values and their gradients) within ``SPARSE_CHUNK_BYTES``."""
+    per_token = 4 * top_k * children_per_parent * hidden_size * element_size
+    return max(1, SPARSE_CHUNK_BYTES // per_token)
+
+
+def gather_read(
+    tokens: Tensor,
+    top_indices: Tensor,
+    parent_weights: Tensor,
+    child_keys: Tensor,
+    values: Tensor,
+    num_parents: int,
+    children_per_parent: int,
+    temperature: float,
+    chunk_tokens: int,
+    sparse_gradients: bool = False,
+) -> Tensor:
+    """The children read of the selected parents, gathered per token, ``chunk_tokens`` at a time,
+    with its own backward pass (recomputed per chunk: activations stay bounded).
+
+    Args:
+        tokens: ``[N, H]``.
+        top_indices, parent_weights: ``[N, k]``, each token's parents and their softmax weights.
+        child_keys, values: ``[C*P, H]``, child-major (row ``c*P + p``).
+        sparse_gradients: give ``child_keys`` and ``values`` sparse COO gradients of the rows read.
+
+    Returns:
+        ``[N, H]``: ``sum_k w_k * sum_c softmax_c(h . key_kc / T) * value_kc`` per token.
+    """
+    if len(tokens) == 0:
+        return tokens.new_zeros(tokens.shape) + 0 * parent_weights.sum()
+    return _GatherRead.apply(
+        tokens, top_indices, parent_weights, child_keys, values, num_parents, children_per_parent, temperature,
+        chunk_tokens, sparse_gradients,
+    )
+
+
+class _GatherRead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tokens, top_indices, parent_weights, child_keys, values, P, C, temperature, chunk, sparse):
+        out = torch.empty(tokens.shape, dtype=values.dtype, device=tokens.device)
+        with torch.no_grad():
+            for start in range(0, len(tokens), chunk):
+                part = slice(start, start + chunk)
+                out[part] = _gather_chunk(
+                    tokens[part], top_indices[part], parent_weights[part], child_keys, values, P, C, temperature
+                )[0]
+        ctx.save_for_backward(tokens, top_indices, parent_weights, child_keys, values)
+        ctx.settings = (P, C, temperature, chunk, sparse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        tokens, top_indices, parent_weights, child_keys, values = ctx.saved_tensors
+        P, C, temperature, chunk, sparse = ctx.settings
+        needs_tokens, _, needs_weights, needs_keys, needs_values = ctx.needs_input_grad[:5]
+        grad_tokens = torch.zeros_like(tokens) if needs_tokens else None
+        grad_weights = torch.zeros_like(parent_weights) if needs_weights else None
+        dense = not sparse
+        grad_keys = torch.zeros_like(child_keys) if needs_keys and dense else None
+        grad_values = torch.zeros_like(values) if needs_values and dense else None
+        sparse_rows, sparse_keys, sparse_values = [], [], []
+        for start in range(0, len(tokens), chunk):
+            part = slice(start, start + chunk)
+            h, g, w = tokens[part].to(values.dtype), grad_out[part].to(values.dtype), parent_weights[part]
+            _, rows, keys, vals, child_weights, mix = _gather_chunk(
+                h, top_indices[part], w, child_keys, values, P, C, temperature
+            )
+            n, kc = rows.shape
+            flat_rows = rows.flatten()
+            grad_mix = torch.bmm(vals, g.unsqueeze(-1)).view(n, -1, C).float()  # g . value, [n, k, C]
+            if needs_weights:
+                grad_weights[part] = (child_weights * grad_mix).sum(-1).to(grad_weights.dtype)
+            grad_child = grad_mix * w.unsqueeze(-1).float()  # d out / d child weight
+            grad_logits = child_weights * (grad_child - (child_weights * grad_child).sum(-1, keepdim=True))
+            grad_logits = (grad_logits / temperature).view(n, kc).to(values.dtype)  # softmax backward
+            if needs_tokens:
+                grad_tokens[part] = torch.bmm(grad_logits.unsqueeze(1), keys).squeeze(1).to(tokens.dtype)
+            row_values = (mix.view(n, kc, 1).to(values.dtype) * g.unsqueeze(1)).view(-1, values.shape[-1])
+            row_keys = (grad_logits.unsqueeze(-1) * h.unsqueeze(1)).view(-1, values.shape[-1])
+            if dense:
+                if needs_values:
+                    grad_values.index_add_(0, flat_rows, row_values)
+                if needs_keys:
+                    grad_keys.index_add_(0, flat_rows, row_keys)
+            else:
+                sparse_rows.append(flat_rows)
+                sparse_keys.append(row_keys)
+                sparse_values.append(row_values)
+        if sparse:
+            rows = torch.cat(sparse_rows).unsqueeze(0)
+            if needs_keys:
+                grad_keys = torch.sparse_coo_tensor(rows, torch.cat(sparse_keys), child_keys.shape).coalesce()
+            if needs_values:
+                grad_values = torch.sparse_coo_tensor(rows, torch.cat(sparse_values), values.shape).coalesce()
+        return grad_tokens, None, grad_weights, grad_keys, grad_values, None, None, None, None, None
+
+
+def _gather_chunk(tokens, top_indices, parent_weights, child_keys, values, P, C, temperature):
+    """One chunk of ``gather_read``: the read-out ``[n, H]`` and what the backward pass reuses."""
+    n, k = top_indices.shape
+    rows = (top_indices.unsqueeze(-1) + P * torch.arange(C, device=top_indices.device)).flatten(1)  # [n, k*C]
+    keys = child_keys.index_select(0, rows.flatten()).view(n, k * C, -1)
+    vals = values.index_select(0, rows.flatten()).view(n, k * C, -1)
+    logits = torch.bmm(keys, tokens.to(keys.dtype).unsqueeze(-1)).squeeze(-1)  # [n, k*C]
+    child_weights = (_upcast(logits).view(n, k, C) / temperature).softmax(dim=-1)  # within each parent
+    mix = child_weights * _upcast(parent_weights).unsqueeze(-1)  # [n, k, C]
+    out = torch.bmm(mix.view(n, 1, k * C).to(vals.dtype), vals).squeeze(1)
+    return out, rows, keys, vals, child_weights, mix
 
 
 def dense_read(
@@ -286,16 +459,19 @@ def dense_read(
     top_k: int,
     temperature: float | Tensor,
     residual: Tensor | None = None,
+    parent_logits: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The dense read of ``SparseHierarchicalMemory`` as a function of its tensors, for one memory
     or for a memory per row (mixed-task batches, exported graphs).
 
     Args:
         tokens: ``[N, H]`` (one memory) or ``[B, S, H]`` (with per-row tensors).
-        keys: ``[P + C*P, H]`` or ``[B, P + C*P, H]``, laid out as ``SparseHierarchicalMemory.keys``.
+        keys: ``[P + C*P, H]`` or ``[B, P + C*P, H]``, laid out as ``SparseHierarchicalMemory.keys``
+            (the child keys alone, ``[C*P, H]``, when ``parent_logits`` are given).
         values: ``[C*P, H]`` or ``[B, C*P, H]``.
         temperature: a number, or a tensor that broadcasts against ``[B, S, C, P]`` (e.g. ``[B, 1, 1, 1]``).
         residual: added to the read-out, shaped like ``tokens``; it keeps its dtype.
+        parent_logits: ``[..., P]`` computed elsewhere (product keys); ``keys`` then hold only children.
 
     Returns:
         The read-out (plus ``residual``) shaped like ``tokens``, the top-k parent ids ``[..., k]``
@@ -303,7 +479,10 @@ def dense_read(
     """
     P, C = num_parents, children_per_parent
     logits = tokens @ keys.transpose(-1, -2)  # [..., P + C*P]: parents and children in one matrix product
-    parent_logits, child_logits = logits.split([P, C * P], dim=-1)
+    if parent_logits is None:
+        parent_logits, child_logits = logits.split([P, C * P], dim=-1)
+    else:
+        child_logits = logits
     top_indices, parent_weights = _select_parents(parent_logits, top_k)  # [..., k]
     # Child-major [..., C, P]: the softmax over each parent's C children runs over dim -2 with P
     # contiguous, much faster than over a tiny last dim.

@@ -31,7 +31,7 @@ from .inject import (
     replaced_modules,
     task_state_dict,
 )
-from .memory import dense_read
+from .memory import dense_read, product_parent_logits
 
 TEMPERATURE = "temperature"
 
@@ -124,6 +124,8 @@ class RowTasks:
     def read(self, index: int, hidden: Tensor) -> Tensor:
         prefix = f"memories.{index}."
         temperature = self.row(TEMPERATURE).view(-1, *([1] * hidden.dim()))  # [B, 1, ..., 1]
+        sub_keys = self.tensors.get(prefix + "sub_keys")
+        parent_logits = None if sub_keys is None else product_parent_logits(hidden, self.row(prefix + "sub_keys").to(hidden.dtype))
         out, _, _ = dense_read(
             hidden,
             self.row(prefix + "keys").to(hidden.dtype),
@@ -133,6 +135,7 @@ class RowTasks:
             self.shape.top_k,
             temperature,
             residual=hidden,
+            parent_logits=parent_logits,
         )
         return out
 

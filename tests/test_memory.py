@@ -313,3 +313,100 @@ def test_load_balancing_loss_matches_definition_and_ignores_padding():
     balanced = load_balancing_loss(Routing(torch.tensor([[0], [1]]), torch.ones(2, 1)), num_parents=2)
     collapsed = load_balancing_loss(Routing(torch.tensor([[0], [0]]), torch.ones(2, 1)), num_parents=2)
     assert balanced < collapsed
+
+
+def make_product_pair(hidden=16, side=4, children=3, top_k=3, temperature=1.3, seed=0):
+    torch.manual_seed(seed)
+    kwargs = dict(value_init="normal", parent_keys="product")
+    dense = SparseHierarchicalMemory(hidden, side * side, children, top_k, temperature, implementation="dense", **kwargs)
+    sparse = SparseHierarchicalMemory(hidden, side * side, children, top_k, temperature, implementation="sparse", **kwargs)
+    dense, sparse = dense.double(), sparse.double()
+    sparse.load_state_dict(dense.state_dict())
+    return dense, sparse
+
+
+def test_product_top_k_is_exact_against_brute_force():
+    from spartan.memory import product_top_k
+
+    torch.manual_seed(0)
+    memory = SparseHierarchicalMemory(32, 64, 2, 8, parent_keys="product").double()
+    hidden = torch.randn(500, 32, dtype=torch.float64)
+    brute = memory.parent_logits(hidden)  # [N, 64], scored one parent at a time
+    torch.testing.assert_close(brute, hidden @ memory.parent_keys.T)
+    ids, logits = product_top_k(hidden, memory.sub_keys, 8)
+    expected_logits, expected_ids = brute.topk(8, dim=-1)
+    torch.testing.assert_close(logits, expected_logits)
+    assert torch.equal(ids, expected_ids)
+
+
+@pytest.mark.parametrize("implementation", ["dense", "sparse"])
+def test_product_key_memory_matches_the_reference(implementation):
+    dense, sparse = make_product_pair()
+    memory = dense if implementation == "dense" else sparse
+    memory.chunk_tokens = 5
+    hidden = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
+    out = memory(hidden)
+    expected = reference_read(memory, hidden.view(-1, 16)).view_as(hidden)
+    torch.testing.assert_close(out, expected)
+    upstream = torch.randn_like(out)
+    params = [hidden, *memory.parameters()]
+    for grad, expected_grad in zip(torch.autograd.grad(out, params, upstream), torch.autograd.grad(expected, params, upstream)):
+        torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("parent_keys", ["flat", "product"])
+def test_sparse_read_passes_gradcheck(parent_keys):
+    torch.manual_seed(0)
+    memory = SparseHierarchicalMemory(
+        8, 9, 2, 2, 1.4, "normal", "sparse", parent_keys=parent_keys, chunk_tokens=2
+    ).double()
+    hidden = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda h, k, v: memory(h), (hidden, memory.keys, memory.values))
+
+
+def test_sparse_gradients_hold_only_the_rows_read_and_step_with_sparse_adam():
+    dense, sparse = make_product_pair(side=6, children=2, top_k=2)
+    sparse.sparse_gradients = True
+    hidden = torch.randn(4, 16, dtype=torch.float64)
+    dense(hidden).square().sum().backward()
+    sparse(hidden).square().sum().backward()
+    for name in ("keys", "values"):
+        grad = getattr(sparse, name).grad
+        assert grad.is_sparse
+        torch.testing.assert_close(grad.to_dense(), getattr(dense, name).grad)
+        rows = set(grad.coalesce().indices()[0].tolist())
+        read = {c * 36 + p for p in sparse.last_routing.indices.flatten().tolist() for c in range(2)}
+        assert rows == read
+    torch.testing.assert_close(sparse.sub_keys.grad, dense.sub_keys.grad)
+    before = sparse.values.detach().clone()
+    torch.optim.SparseAdam([sparse.keys, sparse.values], lr=0.1).step()
+    changed = (sparse.values.detach() != before).any(dim=1).nonzero().flatten().tolist()
+    assert set(changed) == rows
+
+
+def test_large_memories_pick_the_sparse_read_and_bound_its_chunks():
+    from spartan.memory import SPARSE_CHUNK_BYTES, sparse_chunk_tokens
+
+    memory = SparseHierarchicalMemory(64, 256 * 256, 4, 8, parent_keys="product")
+    assert memory.implementation == "sparse"
+    assert sparse_chunk_tokens(8, 4, 64) * 4 * 8 * 4 * 64 * 4 <= SPARSE_CHUNK_BYTES
+    hidden = torch.randn(2, 9, 64)
+    assert memory(hidden).shape == (2, 9, 64)
+    expected = (256 + 2 * 256 * 256 * 4) * 64  # two 256-key half tables, and the children
+    assert sum(p.numel() for p in memory.parameters()) == expected
+    assert SparseHierarchicalMemory.parameter_count(64, 256 * 256, 4, "product") == expected
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_parents=10, parent_keys="product"), "n \\* n"),
+        (dict(hidden_size=15, num_parents=9, parent_keys="product"), "even"),
+        (dict(sparse_gradients=True), "sparse_gradients"),
+        (dict(parent_keys="tree"), "parent_keys"),
+    ],
+)
+def test_product_key_settings_are_checked(kwargs, message):
+    arguments = dict(hidden_size=16, num_parents=16, children_per_parent=3, top_k=4) | kwargs
+    with pytest.raises(ValueError, match=message):
+        SparseHierarchicalMemory(**arguments)

@@ -74,3 +74,19 @@ def test_mixed_batches_are_refused_clearly():
     model.train()
     with pytest.raises(ValueError, match="model.eval"):
         forward_tasks(model, ["pairs"] * 3, **inputs)
+
+
+def test_product_key_memories_read_per_row():
+    model = spartan.wrap_model(tiny_bert(2), num_parents=9, top_k=2, value_init="normal", parent_keys="product",
+                               implementation="dense", name="a")
+    spartan.add_memory(model, "b", num_parents=9, top_k=2, value_init="normal", parent_keys="product",
+                       implementation="dense")
+    randomise_task(model, "a", 0)
+    randomise_task(model, "b", 1)
+    inputs = {key: value for key, value in batch().items() if key != "labels"}
+    with torch.no_grad():
+        mixed = forward_tasks(model.eval(), ["b", "a", "a"], **inputs).logits
+        for row, name in enumerate(["b", "a", "a"]):
+            spartan.set_active_memory(model, name)
+            alone = model(**{key: value[row : row + 1] for key, value in inputs.items()}).logits[0]
+            torch.testing.assert_close(mixed[row], alone, atol=1e-5, rtol=1e-5)
