@@ -205,7 +205,7 @@ def prepare_output(args: argparse.Namespace, settings: dict[str, Any]) -> None:
             old_task = previous.get("task")
         except (OSError, ValueError, AttributeError) as error:
             problem = f"its {RUN_NAME} cannot be read: {error}"
-        if problem and not args.overwrite:
+        if problem and not args.overwrite and _holds_run_files(output):  # nothing trained yet: the new settings win
             fail(f"{output} holds a run with other settings ({problem}): pass --overwrite to start afresh "
                  f"or choose another --output-dir")
     elif not args.overwrite and _holds_run_files(output):

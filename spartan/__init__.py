@@ -1,7 +1,5 @@
 """spartan: sparse hierarchical memories for parameter-efficient fine-tuning of frozen Transformers."""
 
-from importlib.metadata import PackageNotFoundError, version
-
 from . import analysis
 from .analysis import RoutingStats, collect_routing
 from .checkpoint import load_memory, load_task_weights, read_checkpoint, save_memory
@@ -20,6 +18,7 @@ from .inject import (
     get_hidden_size,
     get_layer_paths,
     get_memories,
+    get_model_type,
     get_task_labels,
     get_task_module_paths,
     get_task_modules,
@@ -37,10 +36,7 @@ from .memory import Routing, SparseHierarchicalMemory, load_balancing_loss
 from .multitask import forward_tasks
 from .training import TrainingConfig, TrainResult, padding_collator, train
 
-try:
-    __version__ = version("spartan")
-except PackageNotFoundError:  # imported from a source tree that was never installed
-    __version__ = "0+unknown"
+from ._version import __version__
 
 __all__ = [
     "OnnxRuntimeModel",
@@ -65,6 +61,7 @@ __all__ = [
     "get_hidden_size",
     "get_layer_paths",
     "get_memories",
+    "get_model_type",
     "get_task_labels",
     "get_task_module_paths",
     "get_task_modules",

@@ -47,9 +47,8 @@ def replace_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> 
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = folder.with_name(f".{folder.name}.staging")
+    staging = folder.with_name(f".{folder.name}.staging-{uuid.uuid4().hex[:12]}")  # unique: saves may overlap
     previous = _previous(folder)
-    shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
         write(staging)
@@ -83,7 +82,8 @@ def existing_folder(folder: str | os.PathLike) -> Path | None:
 def remove_folder(folder: str | os.PathLike) -> None:
     """Delete ``folder`` and any staging or previous version ``replace_folder`` left beside it."""
     folder = Path(folder)
-    for candidate in (folder, _previous(folder), folder.with_name(f".{folder.name}.staging")):
+    stagings = folder.parent.glob(f".{folder.name}.staging-*") if folder.parent.is_dir() else []
+    for candidate in (folder, _previous(folder), *stagings):
         shutil.rmtree(candidate, ignore_errors=True)
 
 

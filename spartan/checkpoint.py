@@ -2,7 +2,7 @@
 safetensors, its description in JSON. The task file format.
 
 A checkpoint is a folder holding ``spartan_config.json`` and ``spartan_memory.safetensors``.
-Format version 2 (written since 0.2) records the memory config, the task's label count, problem
+Format version 2 (written since spartan 0.2) records the memory config, the task's label count, problem
 type and label names, the backbone's shape, the module paths of the wrapped layers and of the task
 modules, and the SHA-256 of the weights file; version-1 checkpoints load too. Saving swaps the
 whole folder in at once (other plain files already in it are kept), so a crash leaves the old
@@ -36,6 +36,7 @@ from .inject import (
     get_config,
     get_hidden_size,
     get_layer_paths,
+    get_model_type,
     get_task_labels,
     get_task_module_paths,
     is_wrapped,
@@ -82,7 +83,7 @@ def save_memory(model: nn.Module, path: str | os.PathLike, name: str | None = No
         "config": config.to_dict(),
         "task": get_task_labels(model, name).to_dict(),
         "backbone": {
-            "model_type": getattr(getattr(model, "config", None), "model_type", type(model).__name__),
+            "model_type": get_model_type(model),
             "hidden_size": get_hidden_size(model),
             "num_layers": len(get_layer_paths(model)),
             "layers": get_layer_paths(model),
@@ -140,7 +141,15 @@ def load_task_weights(model: nn.Module, path: str | os.PathLike, name: str | Non
     """Copy a saved task's weights into task ``name`` (the active task by default) of a wrapped
     model that already has it, e.g. to go back to a best checkpoint. The shapes must agree."""
     description, tensors = read_checkpoint(path)
-    _check_backbone(model, description, get_config(model, name), path)
+    config = get_config(model, name)
+    _check_backbone(model, description, config, path)
+    if description["config"] != config.to_dict():
+        saved = description["config"]
+        differences = [f"{key}: {saved[key]} saved, {value} here" for key, value in config.to_dict().items() if saved.get(key) != value]
+        raise ValueError(
+            f"the task at {path} was saved with other memory settings ({'; '.join(differences)}): "
+            "load it as a task of its own with spartan.load_memory"
+        )
     _copy_task(model, name or active_memory_name(model), tensors, path)
 
 
@@ -247,11 +256,24 @@ def _parse_description(raw: Any, file: Path) -> dict[str, Any]:
 def _check_backbone(model: nn.Module, description: dict[str, Any], config: SpartanConfig, path: Any) -> None:
     saved = description["backbone"]
     hidden_size = get_hidden_size(model)
-    layers = get_layer_paths(model) if is_wrapped(model) else find_layers(model, config.layers)
+    if is_wrapped(model):
+        layers = get_layer_paths(model)
+    else:
+        try:
+            layers = find_layers(model, config.layers)
+        except ValueError:  # the saved layer list is not in this model: another architecture
+            layers = []
     same_layers = layers == saved["layers"] if saved["layers"] is not None else len(layers) == saved["num_layers"]
     if hidden_size != saved["hidden_size"] or not same_layers:
-        if hidden_size == saved["hidden_size"] and len(layers) == saved["num_layers"]:
+        if hidden_size == saved["hidden_size"] and is_wrapped(model):
+            difference = (
+                f"is wrapped at the layers {layers} where the memory had {saved['layers']} (its tasks wrap other "
+                "layers: load the memory onto a fresh copy of the backbone)"
+            )
+        elif hidden_size == saved["hidden_size"] and len(layers) == saved["num_layers"]:
             difference = f"wraps the layers {layers} where the memory had {saved['layers']}"
+        elif not layers:
+            difference = f"({get_model_type(model)}) has none of the layers {saved['layers'] or []}"
         else:
             difference = f"has hidden size {hidden_size} and {len(layers)} layers"
         raise ValueError(

@@ -5,7 +5,7 @@
     manifest.json            inputs, tasks (label count, problem type), memory shape, graphs, versions
     backbone.onnx            the frozen backbone and the per-row memory, norm and head arithmetic
     backbone.int8.onnx       with quantize="int8": the backbone's matrix products in int8
-    tasks/<name>/            one memory checkpoint per task (spartan.save_memory's format, ~1 MB)
+    tasks/<name>/            one memory checkpoint per task (spartan.save_memory's format)
 
 The tasks' tensors (memories, trained norms, head, temperature) are *inputs* of the graph, not
 part of it, stacked ``[T, ...]`` with a ``task_ids`` input ``[B]`` that picks each row's task. So
@@ -31,9 +31,10 @@ from torch import Tensor, nn
 
 from . import _validate as check
 from ._io import atomic_write_text, existing_folder, replace_folder
+from ._version import __version__
 from .checkpoint import read_checkpoint, save_memory
 from .config import SpartanConfig
-from .inject import get_hidden_size, get_layer_paths, get_task_labels, is_wrapped, memory_names
+from .inject import get_hidden_size, get_layer_paths, get_model_type, get_task_labels, is_wrapped, memory_names
 from .multitask import TEMPERATURE, MemoryShape, RowTasks, memory_shape, output_layers, stack_tasks, task_tensors
 
 MANIFEST_NAME = "manifest.json"
@@ -70,8 +71,9 @@ def export_onnx(
     """
     if not is_wrapped(model):
         raise ValueError("export_onnx needs a model wrapped by spartan.wrap_model (with its tasks)")
-    if quantize not in (None, "int8"):
-        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+    if quantize is not None:
+        check.choice("quantize (or None)", quantize, ("int8",))
+    _refuse_foreign_folder(Path(output_dir))
     names = memory_names(model)
     shape = _shared_shape(model, names)
     labels = {name: get_task_labels(model, name) for name in names}
@@ -93,7 +95,7 @@ def export_onnx(
                 save_memory(model, folder / TASKS_FOLDER / name, name)
             manifest = {
                 "manifest_version": MANIFEST_VERSION,
-                "spartan_version": _spartan_version(),
+                "spartan_version": __version__,
                 "opset": opset,
                 "graphs": {kind: file for kind, file in GRAPH_NAMES.items() if (folder / file).is_file()},
                 "default_graph": "int8" if quantize == "int8" else "fp32",
@@ -103,7 +105,7 @@ def export_onnx(
                 "max_labels": max_labels,
                 "memory_shape": vars(shape),
                 "backbone": {
-                    "model_type": getattr(getattr(model, "config", None), "model_type", type(model).__name__),
+                    "model_type": get_model_type(model),
                     "hidden_size": get_hidden_size(model),
                     "layers": get_layer_paths(model),
                 },
@@ -368,6 +370,14 @@ def _quantize(source: Path, target: Path) -> None:
     quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=list(QUANTIZED_OPS))
 
 
+def _refuse_foreign_folder(folder: Path) -> None:
+    """export_onnx replaces its folder whole: never one that holds something else."""
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / MANIFEST_NAME).is_file())):
+        raise ValueError(
+            f"{folder} exists and is not a folder written by export_onnx: export into a new or empty folder"
+        )
+
+
 def _shared_shape(model: nn.Module, names: list[str]) -> MemoryShape:
     shapes = {name: memory_shape(model, name) for name in names}
     if len(set(shapes.values())) > 1:
@@ -395,11 +405,4 @@ def _copy_files(source: Path, target: Path) -> None:
             shutil.copy2(file, target / file.name)
 
 
-def _spartan_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("spartan")
-    except PackageNotFoundError:
-        return "0+unknown"
 

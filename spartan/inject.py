@@ -29,7 +29,9 @@ PARKED_ATTRIBUTE = "spartan_task_modules"  # nn.ModuleDict: inactive task name -
 STATE_ATTRIBUTE = "_spartan_state"
 DEFAULT_NAME = "default"
 # Direct children of a task model that form its task head (trained and saved with the memories).
-HEAD_NAMES = ("pre_classifier", "pooler", "classifier", "score", "qa_outputs")
+HEAD_NAMES = ("pre_classifier", "pooler", "classifier", "classification_head", "score", "qa_outputs")
+# Task models that must have a head among HEAD_NAMES (their other children are the backbone).
+HEADED_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice")
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 # A layer list counts as a stack of Transformer layers beside the largest one when it holds at least
 # this share of the largest one's parameters (an encoder-decoder's encoder and decoder both do).
@@ -125,10 +127,12 @@ def wrap_model(
     if config.train_layer_norms:
         module_paths += _find_norms(model, layer_paths)
     hidden_size = get_hidden_size(model)
+    original_labels = _labels_of(model) if module_paths else TaskLabels()
+    requested = _requested_labels(model, module_paths, original_labels, num_labels, problem_type, id2label)
     state = _WrapState(
         configs={name: config},
-        labels={name: _labels_of(model) if module_paths else TaskLabels()},
-        original_labels=_labels_of(model) if module_paths else TaskLabels(),
+        labels={name: original_labels},
+        original_labels=original_labels,
         active=name,
         layer_paths=layer_paths,
         module_paths=module_paths,
@@ -146,23 +150,40 @@ def wrap_model(
         state.hook_handles.append(model.get_submodule(path).register_forward_hook(hook))
     state.hook_handles.append(model.register_forward_pre_hook(_make_mask_hook(state), with_kwargs=True))
     state.hook_handles.append(model.register_forward_hook(_add_auxiliary_loss, with_kwargs=True))
-    if num_labels is not None or problem_type is not None or id2label is not None:
-        _relabel_active_task(model, state, num_labels, problem_type, id2label)
+    if requested != state.original_labels:
+        try:
+            _relabel_active_task(model, state, requested)
+        except BaseException:
+            unwrap_model(model)
+            raise
     _set_trainable(model)
     return model
 
 
-def _relabel_active_task(
-    model: nn.Module, state: _WrapState, num_labels: int | None, problem_type: str | None, id2label: dict | None
-) -> None:
-    original = state.labels[state.active]
+def _requested_labels(
+    model: nn.Module,
+    module_paths: list[str],
+    original: TaskLabels,
+    num_labels: int | None,
+    problem_type: str | None,
+    id2label: dict | None,
+) -> TaskLabels:
+    """The labels a new task asks for: the given ones, the rest as the model had them (a new label
+    count drops the original problem type unless one is given). Checked before anything changes."""
+    if id2label is not None and not isinstance(id2label, dict):
+        raise ValueError(f"id2label must be a dict {{label id: name}}, got {id2label!r}")
     labels = TaskLabels(
         num_labels if num_labels is not None else original.num_labels,
         problem_type if (problem_type is not None or num_labels is not None) else original.problem_type,
         id2label,
     )
-    if labels.num_labels is not None and not state.module_paths:
+    if num_labels is not None and not module_paths:
         raise ValueError(f"{type(model).__name__} has no task head to give {labels.num_labels} labels")
+    return labels
+
+
+def _relabel_active_task(model: nn.Module, state: _WrapState, labels: TaskLabels) -> None:
+    original = state.labels[state.active]
     if labels.num_labels != original.num_labels:
         modules = _fresh_task_modules(model, state, labels, original)
         for path in state.module_paths:
@@ -206,14 +227,8 @@ def add_memory(
             f"first memory's value ({first.train_layer_norms}) when adding a memory"
         )
     config = config.replace(layers=first.layers, modules_to_save=first.modules_to_save)
-    original_labels = _labels_of_originals(model, state)
-    labels = TaskLabels(
-        num_labels if num_labels is not None else original_labels.num_labels,
-        problem_type if (problem_type is not None or num_labels is not None) else original_labels.problem_type,
-        id2label,
-    )
-    if labels.num_labels is not None and not state.module_paths:
-        raise ValueError(f"{type(model).__name__} has no task head to give {labels.num_labels} labels")
+    original_labels = state.original_labels
+    labels = _requested_labels(model, state.module_paths, original_labels, num_labels, problem_type, id2label)
     modules = _fresh_task_modules(model, state, labels, original_labels)
     getattr(model, MEMORIES_ATTRIBUTE)[name] = _build_memories(model, state, get_hidden_size(model), config)
     getattr(model, PARKED_ATTRIBUTE)[name] = modules
@@ -371,6 +386,11 @@ def replaced_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> It
             _set_submodule(model, path, module)
 
 
+def get_model_type(model: nn.Module) -> str:
+    """The backbone's kind as checkpoints record it: ``config.model_type`` or the class name."""
+    return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+
+
 def get_attention_mask(model: nn.Module) -> Tensor | None:
     """The attention mask of the wrapped model's latest forward call (None when it had none)."""
     return _state(model).attention_mask
@@ -382,7 +402,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     state = _state(model)
     for handle in state.hook_handles:
         handle.remove()
-    _apply_labels(model, _labels_of_originals(model, state))
+    _apply_labels(model, state.original_labels)
     for path, original in state.original_modules.items():
         reference = next(model.get_submodule(path).parameters(), None)
         if reference is not None:
@@ -464,9 +484,9 @@ def print_trainable_parameters(model: nn.Module) -> None:
 
 
 def format_bytes(num_bytes: float) -> str:
-    """``1536`` -> ``"1.5 KB"`` (binary units, as the parameter report prints them)."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if num_bytes < 1024 or unit == "GB":
+    """``1536`` -> ``"1.5 KiB"`` (binary units, as the parameter report prints them)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if num_bytes < 1024 or unit == "GiB":
             return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{int(num_bytes)} B"
         num_bytes /= 1024
     raise AssertionError("unreachable")
@@ -533,11 +553,18 @@ def _find_head(model: nn.Module, paths: list[str] | None) -> list[str]:
     base = getattr(model, "base_model", model)
     if base is model:  # a bare backbone (BertModel, ...) has no task head
         return []
-    return [
+    heads = [
         name
         for name, child in model.named_children()
         if name in HEAD_NAMES and child is not base and any(True for _ in child.parameters())
     ]
+    if not heads and type(model).__name__.endswith(HEADED_SUFFIXES):
+        children = [name for name, child in model.named_children() if child is not base]
+        raise ValueError(
+            f"found no task head in {type(model).__name__} (its children besides the backbone: {children}): "
+            "name it with SpartanConfig(modules_to_save=[...])"
+        )
+    return heads
 
 
 def _find_norms(model: nn.Module, layer_paths: list[str]) -> list[str]:
@@ -563,11 +590,6 @@ def _labels_of(model: nn.Module) -> TaskLabels:
         getattr(config, "problem_type", None),
         dict(id2label) if isinstance(id2label, dict) and id2label else None,
     )
-
-
-def _labels_of_originals(model: nn.Module, state: _WrapState) -> TaskLabels:
-    """The labels the model predicted before wrapping."""
-    return state.original_labels
 
 
 def _apply_labels(model: nn.Module, labels: TaskLabels) -> None:
@@ -685,15 +707,18 @@ def _make_mask_hook(state: _WrapState):
     return capture_attention_mask
 
 
-def _auxiliary_share(kwargs: dict) -> Tensor | float:
-    """This forward's share of the loss's items when the caller (the ``transformers`` Trainer with
-    loss kwargs) passes ``num_items_in_batch`` and sums the micro-batches' losses instead of
-    averaging them; 1 otherwise. The weight of the load-balancing loss then means the same in
-    every loop, whatever the gradient accumulation."""
+def _auxiliary_share(model: nn.Module, kwargs: dict) -> Tensor | float:
+    """The factor that keeps the load-balancing loss's weight relative to the task loss the same in
+    every loop. The ``transformers`` Trainer with loss kwargs passes ``num_items_in_batch`` and sums
+    the micro-batches' losses instead of averaging them; token-level losses (causal LM, token
+    classification) then divide their sum by ``num_items_in_batch``, so this forward's part of the
+    load-balancing loss is its share of those items. Sequence-level losses (one label per row)
+    stay per-micro-batch means, summed like the load-balancing loss itself: the factor is 1."""
     total, labels = kwargs.get("num_items_in_batch"), kwargs.get("labels")
-    if total is None or not isinstance(labels, Tensor):
+    if total is None or not isinstance(labels, Tensor) or labels.dim() < 2:
         return 1.0
-    counted = labels if labels.dim() < 2 else labels[..., 1:]  # token labels are counted shifted, as the Trainer does
+    shifted = type(model).__name__.endswith("ForCausalLM")  # counted shifted, as the Trainer counts them
+    counted = labels[..., 1:] if shifted else labels
     return counted.ne(-100).sum() / total
 
 
@@ -704,11 +729,11 @@ def _add_auxiliary_loss(module: nn.Module, args: tuple, kwargs: dict, output: An
     if isinstance(output, tuple):  # return_dict=False: the loss comes first when labels were given
         if kwargs.get("labels") is None or not output:
             return None
-        return (output[0] + _auxiliary_share(kwargs) * auxiliary_loss(module), *output[1:])
+        return (output[0] + _auxiliary_share(module, kwargs) * auxiliary_loss(module), *output[1:])
     loss = getattr(output, "loss", None)
     if loss is None:
         return None
-    output.loss = loss + _auxiliary_share(kwargs) * auxiliary_loss(module)  # a ModelOutput keeps its dict view
+    output.loss = loss + _auxiliary_share(module, kwargs) * auxiliary_loss(module)  # a ModelOutput keeps its dict view
     return output
 
 

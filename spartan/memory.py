@@ -66,8 +66,11 @@ class SparseHierarchicalMemory(nn.Module):
     For each token ``h``: parent logits ``h @ parent_keys.T``; keep the ``top_k`` parents and
     softmax their logits; for each kept parent, softmax ``h @ child_keys[p].T / temperature``
     over its children; return ``sum_p sum_c w_p * w_pc * child_values[p, c]``. Children of
-    parents that were not selected take no part, in the forward or the backward pass (their
-    gradients are exactly zero, even when the upstream gradient is not finite).
+    parents that were not selected take no part, in the forward or the backward pass: the
+    children of parents that no token selected get exactly zero gradients, even from a
+    non-finite upstream gradient. (The sparse read is exact per token; the dense read mixes all
+    tokens in one matrix product, so a non-finite upstream gradient of one token can still reach,
+    as NaN, the values of a parent that only other tokens selected.)
 
     Parent keys come in two kinds. ``"flat"``: P keys of size H, scored by brute force.
     ``"product"`` (product keys, Lample et al. 2019): P = n * n parents, parent ``(i, j)`` scored

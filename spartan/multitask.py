@@ -156,6 +156,8 @@ def forward_tasks(model: nn.Module, tasks: Sequence[str], **inputs: Tensor):
     """
     if model.training:
         raise ValueError("mixed-task batches are for inference: call model.eval() (train one task at a time)")
+    if "labels" in inputs:
+        raise ValueError("forward_tasks computes no loss (each row has its own head): leave labels out")
     names = list(tasks)
     unknown = sorted(set(names) - set(memory_names(model)))
     if unknown:
@@ -187,7 +189,9 @@ class _RowNorm(nn.Module):
         super().__init__()
         self.rows, self.prefix = rows, prefix
         self.kind = _norm_kind(template)
-        self.eps = float(next(getattr(template, a) for a in ("eps", "variance_epsilon") if hasattr(template, a)))
+        eps = next((getattr(template, a) for a in ("eps", "variance_epsilon") if hasattr(template, a)), None)
+        parameter = next(template.parameters())
+        self.eps = float(torch.finfo(parameter.dtype).eps if eps is None else eps)  # nn.RMSNorm's default
         self.has_bias = getattr(template, "bias", None) is not None
         self._check_against(template)
 

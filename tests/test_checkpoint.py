@@ -319,3 +319,10 @@ def test_loading_never_unpickles(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "load", no_pickles)
     spartan.load_memory(tiny("bert"), folder)
+
+
+def test_task_weights_saved_under_other_settings_are_refused(tmp_path):
+    _, _, folder = trained_task(tmp_path, "task", seed=1)
+    other = spartan.wrap_model(tiny("bert"), num_parents=8, top_k=2)
+    with pytest.raises(ValueError, match="top_k: 3 saved, 2 here"):
+        spartan.load_task_weights(other, folder)

@@ -151,3 +151,12 @@ def test_clear_errors(bert_export, tmp_path):
         runtime.add_task("corrupt", corrupt)
     with pytest.raises(ValueError, match="not wrapped|wrapped by spartan"):
         export_onnx(tiny("bert"), tmp_path / "bare")
+
+
+def test_export_never_replaces_a_folder_it_did_not_write(tmp_path):
+    model = spartan.wrap_model(tiny("bert"), num_parents=4, top_k=2)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a folder written by export_onnx"):
+        export_onnx(model, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"

@@ -355,3 +355,11 @@ def test_offline_without_data_dir_fails_at_once(example, capsys, caplog, monkeyp
     assert exit_info.value.code == 2
     line = error_line(capsys)
     assert "could not load GLUE rte from the Hugging Face Hub" in line and "pass --data-dir" in line
+
+
+def test_a_run_json_without_a_trained_run_does_not_block_a_corrected_rerun(example, tmp_path):
+    output = tmp_path / "typo"
+    output.mkdir()
+    (output / "run.json").write_text(json.dumps({"task": "rte", "model": "a-typo"}))  # a run that died before training
+    example.prepare_output(example.parse_args(["--task", "rte", "--output-dir", str(output)]), {"task": "rte", "model": "right"})
+    assert json.loads((output / "run.json").read_text())["model"] == "right"

@@ -132,7 +132,7 @@ def test_parameter_report(capsys):
     assert stats["checkpoint_bytes"] == 4 * task_params
     spartan.print_trainable_parameters(model)
     printed = capsys.readouterr().out
-    assert f"{task_params:,}" in printed and "KB" in printed
+    assert f"{task_params:,}" in printed and "KiB" in printed
 
 
 def test_config_json_round_trip(tmp_path):
@@ -217,18 +217,46 @@ def test_shared_layers_are_stated():
         spartan.wrap_model(AlbertForSequenceClassification(config), num_parents=4, top_k=2)
 
 
-def test_trainer_loss_kwargs_scale_the_load_balancing_loss_by_the_micro_batch_share():
+def test_trainer_loss_kwargs_keep_the_load_balancing_weight_relative_to_the_task_loss():
+    # Sequence labels: the model's loss stays a per-micro-batch mean, so the load-balancing loss is not scaled.
     model = tiny_bert_without_dropout()
     inputs = batch()
     spartan.wrap_model(model, aux_loss_weight=0.5, value_init="normal")
-    model.eval()
-    task_loss = model(**inputs).loss
     model.train()
     whole = model(**inputs).loss
     aux = spartan.auxiliary_loss(model)
-    half = model(**inputs, num_items_in_batch=torch.tensor(2 * len(inputs["labels"]))).loss
-    torch.testing.assert_close(whole, task_loss + aux)
-    torch.testing.assert_close(half, task_loss + aux / 2)
+    torch.testing.assert_close(model(**inputs, num_items_in_batch=torch.tensor(6)).loss, whole)
+    # Token labels of a causal LM: the task loss is divided by the items of the whole accumulation.
+    lm = spartan.wrap_model(tiny_llama_lm(), aux_loss_weight=0.5, value_init="normal")
+    lm.train()
+    ids = batch()["input_ids"]
+    items = ids[:, 1:].numel()
+    task_and_aux = lm(input_ids=ids, labels=ids, num_items_in_batch=torch.tensor(items)).loss
+    aux = spartan.auxiliary_loss(lm)
+    half = lm(input_ids=ids, labels=ids, num_items_in_batch=torch.tensor(2 * items)).loss
+    torch.testing.assert_close(half, (task_and_aux - aux) / 2 + aux / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_a_failed_wrap_leaves_the_model_as_it_was():
+    model = tiny("bert")
+    flags = [p.requires_grad for p in model.parameters()]
+    for bad in (dict(problem_type="bogus"), dict(num_labels=0), dict(id2label=["a", "b"])):
+        with pytest.raises(ValueError, match="problem_type|num_labels|id2label"):
+            spartan.wrap_model(model, **bad)
+        assert not spartan.is_wrapped(model)
+        assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_encoder_decoder_classification_heads_are_found():
+    from transformers import BartConfig, BartForSequenceClassification
+
+    config = BartConfig(
+        vocab_size=99, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
+    )
+    model = spartan.wrap_model(BartForSequenceClassification(config), num_parents=4, top_k=2, train_layer_norms=False)
+    assert spartan.get_task_module_paths(model) == ["classification_head"]
+    assert all(p.requires_grad for p in model.classification_head.parameters())
 
 
 def test_parameter_report_names_the_wrapped_layers(capsys):

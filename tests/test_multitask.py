@@ -90,3 +90,10 @@ def test_product_key_memories_read_per_row():
             spartan.set_active_memory(model, name)
             alone = model(**{key: value[row : row + 1] for key, value in inputs.items()}).logits[0]
             torch.testing.assert_close(mixed[row], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_batches_compute_no_loss():
+    model = three_task_backbone()
+    inputs = batch()
+    with pytest.raises(ValueError, match="leave labels out"):
+        forward_tasks(model, ["pairs"] * 3, **inputs)

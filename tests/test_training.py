@@ -360,6 +360,9 @@ def test_clear_errors(tmp_path):
     train(model, data, config=settings(tmp_path, "finished", max_steps=1))
     with pytest.raises(ValueError, match="cannot resume .* batch_size: 16 then, 8 now"):
         train(model, data, config=settings(tmp_path, "finished", max_steps=1, batch_size=8))
+    # the same parameters under other memory settings are another run
+    with pytest.raises(ValueError, match="cannot resume .*memory.top_k: 4 then, 2 now"):
+        train(spartan.wrap_model(tiny("bert"), num_parents=8, top_k=2), data, config=settings(tmp_path, "finished", max_steps=1))
 
 
 def test_two_processes(tmp_path):

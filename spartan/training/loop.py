@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .config import TrainingConfig, TrainResult
 from .run_folder import LoopState, Progress, RunFolder
-from .weights import requires_grad_parameters
+from .weights import describe_trainable, requires_grad_parameters
 
 EVAL_LOSS = "eval_loss"
 LOG_KEYS = ("step", "epoch", "time", "loss", "lr", EVAL_LOSS)  # compute_metrics may not return these names
@@ -181,6 +181,7 @@ class _TrainingRun:
             parameters=self.parameters,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
+            model_description=describe_trainable(model),
         )
         self.progress = Progress()
         self.log_history: list[dict[str, Any]] = []
@@ -303,7 +304,13 @@ class _TrainingRun:
         self.prepared_model.eval()
         logits, labels, losses = [], [], []
         with torch.no_grad():
-            for batch in self.eval_loader:
+            batches = tqdm(
+                self.eval_loader,
+                desc="evaluating",
+                leave=False,
+                disable=not (self.config.progress and self.accelerator.is_main_process),
+            )
+            for batch in batches:
                 if "labels" not in batch:
                     raise ValueError("the evaluation examples need labels")
                 outputs = self.prepared_model(**batch)

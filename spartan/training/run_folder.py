@@ -81,6 +81,7 @@ class LoopState:
     parameters: Mapping[str, Tensor]
     optimizer: torch.optim.Optimizer
     scheduler: LRScheduler
+    model_description: Mapping[str, Any]  # weights.describe_trainable: what shapes the trained state besides its tensors
 
 
 class Resumed(NamedTuple):
@@ -158,6 +159,7 @@ class RunFolder:
             "running_loss": [running_loss, running_batches],  # since the latest loss record
             "train_size": state.train_size,
             "parameter_names": list(state.parameters),
+            "model": dict(state.model_description),
             "optimizer": optimizer_structure,
             "scheduler": state.scheduler.state_dict(),
             "rng": rng_structure,
@@ -207,6 +209,12 @@ def _check_resumable(folder: Path, description: Mapping[str, Any], state: LoopSt
         differences.append(f"training examples: {description['train_size']} then, {state.train_size} now")
     if description["parameter_names"] != list(state.parameters):
         differences.append("the model's trainable parameters differ")
+    saved_model, model = description.get("model", {}), dict(state.model_description)
+    differences += [
+        f"{key}: {saved_model.get(key)} then, {model.get(key)} now"
+        for key in sorted(set(saved_model) | set(model))
+        if saved_model.get(key) != model.get(key)
+    ]
     if differences:
         raise ValueError(
             f"cannot resume from {folder}: {'; '.join(differences)}. Use another output_dir, "

@@ -20,9 +20,11 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from typing import Any
+
 from .. import checkpoint
 from .._state import copy_tensors
-from ..inject import is_wrapped
+from ..inject import active_memory_name, get_config, is_wrapped
 
 WEIGHTS_NAME = "trainable_weights.safetensors"
 
@@ -47,6 +49,15 @@ def load_trainable(model: nn.Module, folder: str | os.PathLike) -> None:
         checkpoint.load_task_weights(model, folder)
     else:
         load_parameters(requires_grad_parameters(model), folder)
+
+
+def describe_trainable(model: nn.Module) -> dict[str, Any]:
+    """What shapes the trainable state besides its tensors' names and shapes, as JSON: for a wrapped
+    model its active task and memory settings (``top_k``, ``temperature``, ...), else nothing. A run
+    resumes only onto a model with the same description."""
+    if not is_wrapped(model):
+        return {}
+    return {"task": active_memory_name(model), **{f"memory.{k}": v for k, v in get_config(model).to_dict().items()}}
 
 
 def requires_grad_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
