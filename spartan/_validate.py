@@ -92,29 +92,19 @@ def identifier(name: str, value: Any) -> str:
 
 
 def _as_int(value: Any) -> int | None:
-    if isinstance(value, bool) or type(value).__name__ in ("bool", "bool_"):
-        return None
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            return None
-    try:
-        return operator.index(value)  # int, NumPy and torch integer scalars
-    except TypeError:
-        return None
+    return _convert(value, int, operator.index)  # int, NumPy and torch integer scalars
 
 
 def _as_float(value: Any) -> float | None:
+    return _convert(value, float, float)
+
+
+def _convert(value: Any, parse: Any, convert: Any) -> Any:
+    """``parse(text)`` for a string, ``convert(value)`` otherwise; None for booleans or on failure."""
     if isinstance(value, bool) or type(value).__name__ in ("bool", "bool_"):
         return None
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            return None
     try:
-        return float(value)
+        return parse(value.strip()) if isinstance(value, str) else convert(value)
     except (TypeError, ValueError):
         return None
 

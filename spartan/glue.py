@@ -113,6 +113,19 @@ _MNLI_FILES = {
 }
 
 
+def _premise_hypothesis_task(
+    name: str,
+    folder: str,
+    metrics: tuple[str, ...],
+    main_metric: str,
+    split_files: dict[str, str],
+    submission_files: dict[str, str],
+) -> GlueTask:
+    """A three-way NLI task (MNLI and its diagnostic set), labels written by name."""
+    return GlueTask(name, ("premise", "hypothesis"), _NLI_3, _NLI_3, metrics, main_metric, folder, split_files,
+                    submission_files)
+
+
 def _standard_task(
     name: str,
     folder: str,
@@ -157,31 +170,17 @@ GLUE_TASKS: dict[str, GlueTask] = {
         _standard_task(
             "stsb", "STS-B", ("sentence1", "sentence2"), (), ("pearson", "spearmanr"), "pearson", tsv_labels=()
         ),
-        GlueTask(
-            name="mnli",
-            text_fields=("premise", "hypothesis"),
-            label_names=_NLI_3,
-            tsv_labels=_NLI_3,
-            metrics=("accuracy",),
-            main_metric="accuracy",
-            folder="MNLI",
-            split_files=_MNLI_FILES,
-            submission_files={"test_matched": "MNLI-m.tsv", "test_mismatched": "MNLI-mm.tsv"},
+        _premise_hypothesis_task(
+            "mnli", "MNLI", ("accuracy",), "accuracy", _MNLI_FILES,
+            {"test_matched": "MNLI-m.tsv", "test_mismatched": "MNLI-mm.tsv"},
         ),
         _standard_task("qnli", "QNLI", ("question", "sentence"), _NLI_2, tsv_labels=_NLI_2),
         _standard_task("rte", "RTE", ("sentence1", "sentence2"), _NLI_2, tsv_labels=_NLI_2),
         _standard_task("wnli", "WNLI", ("sentence1", "sentence2"), ("not_entailment", "entailment")),
         # The diagnostic set: test only, predicted with an MNLI model; the server scores it by R3 (Matthews).
-        GlueTask(
-            name="ax",
-            text_fields=("premise", "hypothesis"),
-            label_names=_NLI_3,
-            tsv_labels=_NLI_3,
-            metrics=("matthews_correlation",),
-            main_metric="matthews_correlation",
-            folder="diagnostic",
-            split_files={"test": "diagnostic.tsv"},
-            submission_files={"test": "AX.tsv"},
+        _premise_hypothesis_task(
+            "ax", "diagnostic", ("matthews_correlation",), "matthews_correlation",
+            {"test": "diagnostic.tsv"}, {"test": "AX.tsv"},
         ),
     )
 }

@@ -23,16 +23,6 @@ from torch import Tensor, nn
 from .._io import atomic_write_text
 from .._validate import choice, positive_int
 
-__all__ = [
-    "TOKEN_CANDIDATES",
-    "TOKEN_RANKINGS",
-    "ExampleRanking",
-    "ExampleStat",
-    "RoutingAccumulator",
-    "RoutingStats",
-    "TokenRanking",
-    "TokenStat",
-]
 
 # Token ids are kept in the low 32 bits of the (layer, parent, token) keys of the top-token candidates.
 _TOKEN_ID_BITS = 32

@@ -67,12 +67,8 @@ def padding_collator(examples: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]
 
 
 def train(
-    model: nn.Module,
-    train_dataset: Dataset,
-    eval_dataset: Dataset | None = None,
-    config: TrainingConfig | None = None,
-    compute_metrics: ComputeMetrics | None = None,
-    data_collator: Callable[[list[Any]], Mapping[str, Tensor]] | None = None,
+    model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None = None, config: TrainingConfig | None = None,
+    compute_metrics: ComputeMetrics | None = None, data_collator: Callable[[list[Any]], Mapping[str, Tensor]] | None = None,
 ) -> TrainResult:
     """Train the trainable parameters (``requires_grad``) of ``model`` and leave the best checkpoint in it.
 
