@@ -165,8 +165,8 @@ class SparseHierarchicalMemory(nn.Module):
         if implementation == "auto":
             implementation = "dense" if num_parents * children_per_parent <= DENSE_MAX_SLOTS else "sparse"
         self.implementation = implementation
-        self.sparse_gradients = check.boolean("sparse_gradients", sparse_gradients)
-        if self.sparse_gradients and (parent_keys != "product" or implementation != "sparse"):
+        sparse_gradients = check.boolean("sparse_gradients", sparse_gradients)
+        if sparse_gradients and (parent_keys != "product" or implementation != "sparse"):
             raise ValueError(
                 "sparse_gradients needs parent_keys='product' and implementation='sparse' (or 'auto' for a large memory)"
             )
@@ -180,8 +180,20 @@ class SparseHierarchicalMemory(nn.Module):
             self.sub_keys = None
             self.keys = nn.Parameter(torch.empty(num_parents + slots, hidden_size, **factory))
         self.values = nn.Parameter(torch.empty(slots, hidden_size, **factory))
+        self.sparse_gradients = sparse_gradients
         self.last_routing: Routing | None = None
         self.reset_parameters()
+
+    @property
+    def sparse_gradients(self) -> bool:
+        """Whether the sparse read gives ``keys`` and ``values`` sparse gradients. Both parameters
+        carry it as their ``sparse_grad`` attribute, which ``spartan.train`` reads to step them lazily."""
+        return bool(getattr(self.values, "sparse_grad", False))
+
+    @sparse_gradients.setter
+    def sparse_gradients(self, enabled: bool) -> None:
+        for parameter in (self.keys, self.values):
+            parameter.sparse_grad = bool(enabled)
 
     def reset_parameters(self) -> None:
         std = 1.0 / math.sqrt(self.hidden_size)  # logits of unit-scale hidden states start near unit scale
@@ -304,7 +316,7 @@ class SparseHierarchicalMemory(nn.Module):
         )
         read = gather_read(
             tokens, top_indices, parent_weights, child_keys, self.values, P, self.children_per_parent,
-            self.temperature, chunk, self.sparse_gradients,
+            self.temperature, chunk, self.sparse_gradients and self.sub_keys is not None,
         )
         out = read.to(tokens.dtype) if residual is None else residual + read.to(residual.dtype)
         return out, top_indices, parent_weights

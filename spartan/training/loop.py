@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .config import TrainingConfig, TrainResult
 from .run_folder import LoopState, Progress, RunFolder
+from .optim import clip_grad_norm, has_sparse_gradients, make_optimizer
 from .weights import describe_trainable, requires_grad_parameters
 
 EVAL_LOSS = "eval_loss"
@@ -153,11 +154,12 @@ class _TrainingRun:
             gradient_accumulation_steps=config.gradient_accumulation_steps,
         )
         self.parameters = requires_grad_parameters(model)
-        optimizer = torch.optim.AdamW(
+        optimizer = make_optimizer(
             _parameter_groups(self.parameters, config.learning_rate, config.parameter_learning_rates),
-            lr=config.learning_rate,
-            weight_decay=config.weight_decay,
+            config.learning_rate,
+            config.weight_decay,
         )
+        self.sparse = any(has_sparse_gradients(p) for p in self.parameters.values())
         self.shuffler = _EpochShuffler(len(train_dataset), config.seed)
         loaders = [_data_loader(train_dataset, config, config.batch_size, collate, self.shuffler)]
         if eval_dataset is not None:
@@ -258,7 +260,10 @@ class _TrainingRun:
                 raise ValueError("the model returned no loss: the training examples need labels")
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients and self.config.max_grad_norm is not None:
-                self.accelerator.clip_grad_norm_(self.parameters.values(), self.config.max_grad_norm)
+                if self.sparse:  # torch's clipping takes dense gradients only
+                    clip_grad_norm(self.parameters, self.config.max_grad_norm)
+                else:
+                    self.accelerator.clip_grad_norm_(self.parameters.values(), self.config.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad()
         self.running_loss += loss.detach().float()
