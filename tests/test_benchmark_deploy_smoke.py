@@ -7,6 +7,7 @@ libraries are installed and are skipped with a note where they are not (the main
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,10 +23,12 @@ DEPLOY = Path(__file__).resolve().parents[1] / "benchmarks" / "deploy.py"
 def deploy():
     spec = importlib.util.spec_from_file_location("spartan_benchmark_deploy", DEPLOY)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     threads = torch.get_num_threads()
     yield module
     torch.set_num_threads(threads)  # the benchmark sets its own
+    sys.modules.pop(spec.name, None)
 
 
 def finite(value) -> bool:
