@@ -23,7 +23,7 @@ DENSE_MAX_SLOTS = 2048
 # The sparse read gathers the selected children of this many bytes' worth of tokens at a time
 # (keys, values and, in the backward pass, their gradients), so its activations stay bounded
 # whatever the batch.
-SPARSE_CHUNK_BYTES = 64 * 2**20
+SPARSE_CHUNK_BYTES = 128 * 2**20
 
 
 class Routing(NamedTuple):
@@ -412,10 +412,16 @@ class _GatherRead(torch.autograd.Function):
         needs_tokens, _, needs_weights, needs_keys, needs_values = ctx.needs_input_grad[:5]
         grad_tokens = torch.zeros_like(tokens) if needs_tokens else None
         grad_weights = torch.zeros_like(parent_weights) if needs_weights else None
-        dense = not sparse
-        grad_keys = torch.zeros_like(child_keys) if needs_keys and dense else None
-        grad_values = torch.zeros_like(values) if needs_values and dense else None
-        sparse_rows, sparse_keys, sparse_values = [], [], []
+        if sparse:  # one [U, H] buffer per table over the U distinct rows read, filled chunk by chunk
+            read = _child_rows(top_indices, P, C).flatten()
+            unique_rows, slots = torch.unique(read, return_inverse=True)
+            slots = slots.view(len(tokens), -1)
+            targets = (len(unique_rows), values.shape[-1])
+            grad_keys = values.new_zeros(targets) if needs_keys else None
+            grad_values = values.new_zeros(targets) if needs_values else None
+        else:
+            grad_keys = torch.zeros_like(child_keys) if needs_keys else None
+            grad_values = torch.zeros_like(values) if needs_values else None
         for start in range(0, len(tokens), chunk):
             part = slice(start, start + chunk)
             h, g, w = tokens[part].to(values.dtype), grad_out[part].to(values.dtype), parent_weights[part]
@@ -423,7 +429,7 @@ class _GatherRead(torch.autograd.Function):
                 h, top_indices[part], w, child_keys, values, P, C, temperature
             )
             n, kc = rows.shape
-            flat_rows = rows.flatten()
+            targets = slots[part].flatten() if sparse else rows.flatten()
             grad_mix = torch.bmm(vals, g.unsqueeze(-1)).view(n, -1, C).float()  # g . value, [n, k, C]
             if needs_weights:
                 grad_weights[part] = (child_weights * grad_mix).sum(-1).to(grad_weights.dtype)
@@ -432,30 +438,31 @@ class _GatherRead(torch.autograd.Function):
             grad_logits = (grad_logits / temperature).view(n, kc).to(values.dtype)  # softmax backward
             if needs_tokens:
                 grad_tokens[part] = torch.bmm(grad_logits.unsqueeze(1), keys).squeeze(1).to(tokens.dtype)
-            row_values = (mix.view(n, kc, 1).to(values.dtype) * g.unsqueeze(1)).view(-1, values.shape[-1])
-            row_keys = (grad_logits.unsqueeze(-1) * h.unsqueeze(1)).view(-1, values.shape[-1])
-            if dense:
-                if needs_values:
-                    grad_values.index_add_(0, flat_rows, row_values)
-                if needs_keys:
-                    grad_keys.index_add_(0, flat_rows, row_keys)
-            else:
-                sparse_rows.append(flat_rows)
-                sparse_keys.append(row_keys)
-                sparse_values.append(row_values)
-        if sparse:
-            rows = torch.cat(sparse_rows).unsqueeze(0)
-            if needs_keys:
-                grad_keys = torch.sparse_coo_tensor(rows, torch.cat(sparse_keys), child_keys.shape).coalesce()
             if needs_values:
-                grad_values = torch.sparse_coo_tensor(rows, torch.cat(sparse_values), values.shape).coalesce()
+                grad_values.index_add_(0, targets, (mix.view(n, kc, 1).to(values.dtype) * g.unsqueeze(1)).flatten(0, 1))
+            if needs_keys:
+                grad_keys.index_add_(0, targets, (grad_logits.unsqueeze(-1) * h.unsqueeze(1)).flatten(0, 1))
+        if sparse:
+            indices = unique_rows.unsqueeze(0)
+            grad_keys = None if grad_keys is None else _sparse_rows(indices, grad_keys, child_keys.shape)
+            grad_values = None if grad_values is None else _sparse_rows(indices, grad_values, values.shape)
         return grad_tokens, None, grad_weights, grad_keys, grad_values, None, None, None, None, None
+
+
+def _sparse_rows(indices: Tensor, rows: Tensor, shape: torch.Size) -> Tensor:
+    """A coalesced sparse COO gradient holding ``rows`` at the (sorted, distinct) ``indices``."""
+    return torch.sparse_coo_tensor(indices, rows, shape, is_coalesced=True, check_invariants=False)
+
+
+def _child_rows(top_indices: Tensor, P: int, C: int) -> Tensor:
+    """The rows ``[n, k*C]`` of each token's selected parents' children (child-major: ``c*P + p``)."""
+    return (top_indices.unsqueeze(-1) + P * torch.arange(C, device=top_indices.device)).flatten(1)
 
 
 def _gather_chunk(tokens, top_indices, parent_weights, child_keys, values, P, C, temperature):
     """One chunk of ``gather_read``: the read-out ``[n, H]`` and what the backward pass reuses."""
     n, k = top_indices.shape
-    rows = (top_indices.unsqueeze(-1) + P * torch.arange(C, device=top_indices.device)).flatten(1)  # [n, k*C]
+    rows = _child_rows(top_indices, P, C)  # [n, k*C]
     keys = child_keys.index_select(0, rows.flatten()).view(n, k * C, -1)
     vals = values.index_select(0, rows.flatten()).view(n, k * C, -1)
     logits = torch.bmm(keys, tokens.to(keys.dtype).unsqueeze(-1)).squeeze(-1)  # [n, k*C]
