@@ -7,9 +7,11 @@
     backbone.int8.onnx       with quantize="int8": the backbone's matrix products in int8
     tasks/<name>/            one memory checkpoint per task (spartan.save_memory's format)
 
-The tasks' tensors (memories, trained norms, head, temperature) are *inputs* of the graph, not
-part of it, stacked ``[T, ...]`` with a ``task_ids`` input ``[B]`` that picks each row's task. So
-the backbone is stored and loaded once, a task is added by dropping its checkpoint into the folder
+The tasks' tensors (memories, trained norms, head) are *inputs* of the graph, not part of it, in
+the layout ``spartan.multitask.graph_tensors`` gives them (the temperature divided into the child
+keys): each ``[1, ...]`` when every row of a call belongs to one task (it broadcasts over the
+batch: nothing is gathered or copied), or ``[B, ...]``, row b's task's, for a mixed batch. So the
+backbone is stored and loaded once, a task is added by dropping its checkpoint into the folder
 (``OnnxRuntimeModel.add_task``), and one call can serve a batch whose rows belong to different
 tasks. Dynamic int8 quantizes the backbone's weights (the graph's initializers); the memory
 tables and heads arrive as inputs and stay fp32.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,13 +38,23 @@ from ._version import __version__
 from .checkpoint import read_checkpoint, save_memory
 from .config import SpartanConfig
 from .inject import get_hidden_size, get_layer_paths, get_model_type, get_task_labels, is_wrapped, memory_names
-from .multitask import TEMPERATURE, MemoryShape, RowTasks, memory_shape, output_layers, stack_tasks, task_tensors
+from .multitask import (
+    TEMPERATURE,
+    MemoryShape,
+    RowTasks,
+    graph_shapes,
+    graph_tensors,
+    memory_shape,
+    output_layers,
+    task_tensors,
+)
 
 MANIFEST_NAME = "manifest.json"
 GRAPH_NAMES = {"fp32": "backbone.onnx", "int8": "backbone.int8.onnx"}
 TASKS_FOLDER = "tasks"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: task tensors in graph_tensors' layout, one row per batch row or one for all; no task_ids
 DEFAULT_OPSET = 18
+MIN_ONNXRUNTIME = (1, 21)  # LayerNormalization broadcasting its scale and bias per row
 QUANTIZED_OPS = ("MatMul", "Gemm", "Gather")
 
 __all__ = ["OnnxRuntimeModel", "export_onnx"]
@@ -83,12 +96,12 @@ def export_onnx(
         raise ValueError(f"a task has {max(counts)} labels but max_labels is {max_labels}: raise max_labels")
     uses_token_types = _uses_token_types(model)
     padded = output_layers(model)
-    tensor_names = list(task_tensors(model))
+    shapes = graph_shapes(task_tensors(model), padded, max_labels)
     was_training = model.training
     model.eval()
     try:
         def write(folder: Path) -> None:
-            _export_graph(model, shape, tensor_names, padded, max_labels, uses_token_types, folder / GRAPH_NAMES["fp32"], opset)
+            _export_graph(model, shape, shapes, padded, uses_token_types, folder / GRAPH_NAMES["fp32"], opset)
             if quantize == "int8":
                 _quantize(folder / GRAPH_NAMES["fp32"], folder / GRAPH_NAMES["int8"])
             for name in names:
@@ -99,8 +112,8 @@ def export_onnx(
                 "opset": opset,
                 "graphs": {kind: file for kind, file in GRAPH_NAMES.items() if (folder / file).is_file()},
                 "default_graph": "int8" if quantize == "int8" else "fp32",
-                "inputs": ["input_ids", "attention_mask", *(["token_type_ids"] if uses_token_types else []), "task_ids"],
-                "task_tensors": tensor_names,
+                "inputs": ["input_ids", "attention_mask", *(["token_type_ids"] if uses_token_types else [])],
+                "task_tensors": list(shapes),
                 "padded_tensors": sorted(padded),
                 "max_labels": max_labels,
                 "memory_shape": vars(shape),
@@ -146,6 +159,11 @@ class OnnxRuntimeModel:
     ) -> None:
         import onnxruntime
 
+        if _version(onnxruntime.__version__) < MIN_ONNXRUNTIME:
+            raise RuntimeError(
+                f"onnxruntime {onnxruntime.__version__} cannot run these graphs (their norms take each row's weights, "
+                f"broadcast since {'.'.join(map(str, MIN_ONNXRUNTIME))}): pip install -U onnxruntime"
+            )
         self.folder = Path(output_dir)
         manifest_file = self.folder / MANIFEST_NAME
         if not manifest_file.is_file():
@@ -210,10 +228,12 @@ class OnnxRuntimeModel:
             feeds["token_type_ids"] = types
         elif token_type_ids is not None:
             raise ValueError("this graph takes no token_type_ids (its backbone has none): leave them out")
-        feeds["task_ids"] = np.array([unique.index(name) for name in rows], dtype=np.int64)
-        for tensor in self.manifest["task_tensors"]:
-            stacked = [self._tasks[name][tensor] for name in unique]
-            feeds[tensor] = stacked[0] if len(stacked) == 1 else np.concatenate(stacked)
+        if len(unique) == 1:  # every row reads the task's [1, ...] tensors, broadcast by the graph
+            feeds.update(self._tasks[unique[0]])
+            (logits,) = self.session.run(["logits"], feeds)
+            return logits[:, : self._labels[unique[0]]]
+        for tensor in self.manifest["task_tensors"]:  # [B, ...]: row b's task's
+            feeds[tensor] = np.concatenate([self._tasks[name][tensor] for name in rows])
         (logits,) = self.session.run(["logits"], feeds)
         counts = np.array([self._labels[name] for name in rows])
         logits = logits[:, : counts.max()].astype(np.float32, copy=True)
@@ -254,8 +274,6 @@ class OnnxRuntimeModel:
                 f"the task at {folder} has memories of shape {vars(shape)}, but this graph reads {manifest['memory_shape']}: "
                 "train it with the exported tasks' memory shape, or export again"
             )
-        tensors = {key: value.float().numpy() for key, value in tensors.items()}
-        tensors[TEMPERATURE] = np.array(config.temperature, dtype=np.float32)
         expected = set(manifest["task_tensors"])
         if set(tensors) != expected:
             missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
@@ -269,17 +287,14 @@ class OnnxRuntimeModel:
                 f"the task at {folder} has {labels} labels; this graph takes at most {manifest['max_labels']}: "
                 "export again with a larger max_labels"
             )
-        stacked = {}
-        padded = set(manifest["padded_tensors"])
-        for key in manifest["task_tensors"]:
-            value = tensors[key]
-            if key in padded:
-                value = np.concatenate([value, np.zeros((manifest["max_labels"] - len(value), *value.shape[1:]), value.dtype)])
-            want = self._shapes[key][1:]
-            if any(isinstance(w, int) and w != v for w, v in zip(want, value.shape)) or len(want) != value.ndim:
-                raise ValueError(f"{key} has shape {list(value.shape)} in {folder}; this graph takes {want}")
-            stacked[key] = np.ascontiguousarray(value[None])
-        self._tasks[name] = stacked
+        tensors = {key: value.float() for key, value in tensors.items()}
+        tensors[TEMPERATURE] = torch.tensor(config.temperature)
+        shapes = {key: self._shapes[key][1:] for key in manifest["task_tensors"]}
+        try:
+            graph = graph_tensors(tensors, shapes, set(manifest["padded_tensors"]), config.num_parents)
+        except ValueError as error:
+            raise ValueError(f"the task at {folder} does not fit this graph: {error}") from None
+        self._tasks[name] = {key: np.ascontiguousarray(value.numpy()) for key, value in graph.items()}
         self._labels[name] = labels
         self._task_info = getattr(self, "_task_info", {})
         self._task_info[name] = description["task"]
@@ -289,7 +304,8 @@ class OnnxRuntimeModel:
 
 
 class _Graph(nn.Module):
-    """The exported computation: token inputs, each row's task id and the stacked task tensors -> logits."""
+    """The exported computation: token inputs and the task tensors (``graph_tensors``' layout, one row
+    per batch row or one for all) -> logits."""
 
     def __init__(self, model: nn.Module, rows: RowTasks, tensor_names: list[str], uses_token_types: bool) -> None:
         super().__init__()
@@ -298,10 +314,10 @@ class _Graph(nn.Module):
         self.tensor_names = tensor_names
         self.uses_token_types = uses_token_types
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None, task_ids: Tensor,
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None,
                 tensors: tuple[Tensor, ...]) -> Tensor:
         self.rows.tensors = dict(zip(self.tensor_names, tensors))
-        self.rows.task_ids = task_ids
+        self.rows.task_ids = None  # the tensors come per row
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.uses_token_types:
             inputs["token_type_ids"] = token_type_ids
@@ -311,42 +327,38 @@ class _Graph(nn.Module):
 def _export_graph(
     model: nn.Module,
     shape: MemoryShape,
-    tensor_names: list[str],
+    shapes: dict[str, list[int]],
     padded: set[str],
-    max_labels: int,
     uses_token_types: bool,
     path: Path,
     opset: int,
 ) -> None:
     rows = RowTasks(model, shape)
+    tensor_names = list(shapes)
     graph = _Graph(model, rows, tensor_names, uses_token_types)
     names = memory_names(model)
-    example_tasks = [task_tensors(model, names[i % len(names)]) for i in range(2)]  # two, so T is not specialised
-    stacked = stack_tasks(example_tasks, padded, max_labels)
-    batch, length = 3, 8  # neither 0, 1 nor the task count, so no dimension is specialised
+    examples = [graph_tensors(task_tensors(model, names[i % len(names)]), shapes, padded, shape.num_parents)
+                for i in range(2)]
+    batch, length = 3, 8  # neither 0 nor 1, so no dimension is specialised
     generator = torch.Generator().manual_seed(0)
     vocab = getattr(model.config, "vocab_size", 100)
     input_ids = torch.randint(3, max(4, vocab), (batch, length), generator=generator)
     attention_mask = torch.ones(batch, length, dtype=torch.long)
     token_types = torch.zeros(batch, length, dtype=torch.long) if uses_token_types else None
-    task_ids = torch.tensor([0, 1, 0])
-    tensors = tuple(stacked[name] for name in tensor_names)
+    tensors = tuple(torch.cat([examples[0][name], examples[1][name], examples[0][name]]) for name in tensor_names)
     b = torch.export.Dim("batch")
     s = torch.export.Dim("sequence", max=getattr(model.config, "max_position_embeddings", 4096) or 4096)
-    t = torch.export.Dim("tasks")
     dynamic = (
         {0: b, 1: s},
         {0: b, 1: s},
         {0: b, 1: s} if uses_token_types else None,
-        {0: b},
-        tuple({0: t} for _ in tensor_names),
+        tuple({0: b} for _ in tensor_names),  # traced with one row per batch row; fed [1, ...] too
     )
-    input_names = ["input_ids", "attention_mask", *(["token_type_ids"] if uses_token_types else []), "task_ids",
-                   *tensor_names]
+    input_names = ["input_ids", "attention_mask", *(["token_type_ids"] if uses_token_types else []), *tensor_names]
     with rows.active(), torch.no_grad():
         try:
             program = torch.export.export(
-                graph, (input_ids, attention_mask, token_types, task_ids, tensors), dynamic_shapes=dynamic, strict=False
+                graph, (input_ids, attention_mask, token_types, tensors), dynamic_shapes=dynamic, strict=False
             )
         except Exception as error:  # torch.export's messages run to pages: keep the first line, say what to do
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -355,7 +367,71 @@ def _export_graph(
     onnx_program = torch.onnx.export(
         program, f=None, input_names=input_names, output_names=["logits"], opset_version=opset, dynamo=True
     )
+    _batch_from_tokens(onnx_program, set(tensor_names))
+    _scale_norms_per_row(onnx_program, set(tensor_names))
     onnx_program.save(str(path), external_data=_needs_external_data(onnx_program))
+
+
+def _batch_from_tokens(onnx_program: Any, task_inputs: set[str]) -> None:
+    """Make the graph read its batch size from ``input_ids``, never from a task tensor. Traced with
+    one task row per batch row, the two sizes are one symbol to the exporter, which may read it from
+    either; but the task tensors are also fed ``[1, ...]`` (one task for every row). The per-row
+    code reads no task tensor's shape, so every such read is the batch size's."""
+    graph = onnx_program.model.graph
+    tokens = next(value for value in graph.inputs if value.name == "input_ids")
+    for node in graph:
+        source = node.inputs[0] if node.inputs else None
+        if source is None or source.name not in task_inputs or node.op_type not in ("Shape", "Size"):
+            continue
+        start, end = (node.attributes.get(key) for key in ("start", "end"))
+        if node.op_type == "Size" or start is None or start.value != 0 or end is None or end.value != 1:
+            raise RuntimeError(f"the exported graph reads {source.name}'s shape beyond its rows: please report it")
+        node.replace_input_with(0, tokens)
+
+
+def _scale_norms_per_row(onnx_program: Any, task_inputs: set[str]) -> None:
+    """Rewrite each per-row layer norm, exported as ``LayerNormalization(x) * weight + bias`` with the
+    weight and bias task inputs ``[rows, 1, H]``, as one ``LayerNormalization(x, weight, bias)``
+    (ONNX Runtime >= 1.21 broadcasts its scale and bias per row). Besides two fewer passes over the
+    activations, ONNX Runtime then leaves the norm unfused: its CPU SkipLayerNormalization, which it
+    would otherwise fuse the residual and bias additions into, is slower than the additions and the
+    plain norm. A norm in any other pattern is left as it is."""
+    from onnx_ir.convenience import replace_all_uses_with
+
+    graph = onnx_program.model.graph
+
+    def task_input(value: Any) -> bool:
+        return value is not None and value.is_graph_input() and value.name in task_inputs
+
+    def only_use(value: Any, op_type: str) -> tuple[Any, Any] | None:
+        """The one node using ``value``, when it is an ``op_type`` whose other operand is a task input."""
+        uses = list(value.uses())
+        if len(uses) != 1 or uses[0][0].op_type != op_type or uses[0][0].domain not in ("", "ai.onnx"):
+            return None
+        node, index = uses[0]
+        if len(node.inputs) != 2 or not task_input(node.inputs[1 - index]) or node.outputs[0].is_graph_output():
+            return None
+        return node, node.inputs[1 - index]
+
+    def ones(value: Any) -> bool:
+        constant = None if value is None else value.const_value
+        return constant is not None and bool(np.all(constant.numpy() == 1))
+
+    for norm in [node for node in graph if node.op_type == "LayerNormalization" and node.domain in ("", "ai.onnx")]:
+        if len(norm.inputs) < 2 or not ones(norm.inputs[1]) or (len(norm.inputs) > 2 and norm.inputs[2] is not None):
+            continue  # a scale or bias of its own
+        if any(out.uses() for out in norm.outputs[1:]):
+            continue  # its mean and deviation are used
+        scaled = only_use(norm.outputs[0], "Mul")
+        shifted = scaled and only_use(scaled[0].outputs[0], "Add")
+        if not shifted:
+            continue
+        (mul, weight), (add, bias) = scaled, shifted
+        norm.resize_inputs(3)
+        norm.replace_input_with(1, weight)
+        norm.replace_input_with(2, bias)
+        replace_all_uses_with(add.outputs[0], norm.outputs[0])
+        graph.remove([mul, add], safe=True)
 
 
 def _needs_external_data(onnx_program: Any) -> bool:
@@ -388,6 +464,10 @@ def _shared_shape(model: nn.Module, names: list[str]) -> MemoryShape:
 def _uses_token_types(model: nn.Module) -> bool:
     parameters = inspect.signature(model.forward).parameters
     return "token_type_ids" in parameters and (getattr(model.config, "type_vocab_size", 0) or 0) > 1
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
 
 
 def _token_array(name: str, value: Any) -> np.ndarray:

@@ -7,6 +7,10 @@ A task's tensors are named as in ``spartan.task_state_dict`` (``memories.<layer>
 ``[T]`` dimension; the head's output layer is padded with zero rows to the largest label count,
 so the logits come back ``[B, max_labels]`` and the columns past a row's own label count are
 not that task's (``forward_tasks`` sets them to NaN).
+
+The exported graph reads them in another layout (``graph_tensors``), one row per batch row or
+one row for the whole batch, so that it gathers nothing, divides by no temperature and reshapes
+no task tensor: each of those would be an operator per layer on every call.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from torch import Tensor, nn
 from .inject import (
     get_config,
     get_layer_paths,
-    get_memories,
     get_task_labels,
     get_task_modules,
     find_layer_norms,
@@ -35,7 +38,17 @@ from .memory import dense_read, product_parent_logits
 
 TEMPERATURE = "temperature"
 
-__all__ = ["MemoryShape", "RowTasks", "forward_tasks", "memory_shape", "output_layers", "stack_tasks", "task_tensors"]
+__all__ = [
+    "MemoryShape",
+    "RowTasks",
+    "forward_tasks",
+    "graph_shapes",
+    "graph_tensors",
+    "memory_shape",
+    "output_layers",
+    "stack_tasks",
+    "task_tensors",
+]
 
 
 @dataclass(frozen=True)
@@ -98,10 +111,59 @@ def stack_tasks(tasks: Sequence[dict[str, Tensor]], padded: set[str], max_labels
     return stacked
 
 
+def graph_shapes(tensors: dict[str, Tensor], padded: set[str], max_labels: int) -> dict[str, list[int]]:
+    """The shape of each of one task's tensors per row of the exported graph (its inputs are
+    ``[rows, *shape]``): the temperature is left out (``graph_tensors`` divides it into the child
+    keys), vectors ``[n]`` (norm weights and biases, linear biases) become ``[1, n]`` so that they
+    broadcast against ``[B, S, n]`` hidden states as they are, the ``padded`` output layers get
+    ``max_labels`` rows, everything else keeps its shape."""
+    shapes = {}
+    for name, value in tensors.items():
+        if name == TEMPERATURE:
+            continue
+        shape = list(value.shape)
+        if name in padded:
+            shape[0] = max_labels
+        shapes[name] = [1, *shape] if len(shape) == 1 else shape
+    return shapes
+
+
+def graph_tensors(
+    tensors: dict[str, Tensor], shapes: dict[str, Sequence[int]], padded: set[str], num_parents: int
+) -> dict[str, Tensor]:
+    """One task's tensors (``task_tensors``' names and shapes, temperature included) as the exported
+    graph reads them: ``[1, *shapes[name]]`` each (one row, which broadcasts over the batch), the
+    child keys divided by the temperature (the parent keys and product sub-keys are not), the
+    ``padded`` output layers zero-padded to ``shapes``' label count, vectors reshaped as
+    ``graph_shapes`` says. A tensor that does not fit its shape raises a ValueError naming it."""
+    temperature = tensors[TEMPERATURE]
+    out = {}
+    for name, shape in shapes.items():
+        value = tensors[name]
+        if name.startswith("memories.") and name.endswith(".keys"):
+            product = name[: -len("keys")] + "sub_keys" in tensors  # product keys: ``keys`` holds children only
+            first_child = 0 if product else num_parents
+            value = torch.cat([value[:first_child], value[first_child:] / temperature.to(value.dtype)])
+        vector = value.dim() == 1 and len(shape) == 2 and shape[0] == 1  # [n] laid out as [1, n]
+        own = list(shape[1:]) if vector else list(shape)
+        if name in padded and value.dim() > 0 and len(value) < own[0]:
+            value = torch.cat([value, value.new_zeros(own[0] - len(value), *value.shape[1:])])
+        if list(value.shape) != own:
+            raise ValueError(f"{name} has shape {list(value.shape)}; this graph takes {own}")
+        out[name] = value.reshape(1, *shape)
+    return out
+
+
 class RowTasks:
     """Installs per-row reading on a wrapped model: while active (``with rows.active():``), each
-    wrapped layer, norm and head reads the tensors of its row's task from ``rows.tensors`` (stacked
-    ``[T, ...]``), picked by ``rows.task_ids`` (``[B]``, each row's index into the stack).
+    wrapped layer, norm and head reads the tensors of its row's task from ``rows.tensors``, in one
+    of two layouts:
+
+    - stacked (``forward_tasks``): ``task_tensors``' tensors, each ``[T, ...]``, picked per row by
+      ``rows.task_ids`` (``[B]``, each row's index into the stack);
+    - per row (the exported graph; ``rows.task_ids = None``): ``graph_tensors``' layout, each
+      ``[B, ...]`` (row b's task's) or ``[1, ...]`` (one task for every row), read as they are.
+
     Set both before each forward pass."""
 
     def __init__(self, model: nn.Module, shape: MemoryShape) -> None:
@@ -118,12 +180,16 @@ class RowTasks:
             )
 
     def row(self, name: str) -> Tensor:
-        """Tensor ``name`` of each row's task: ``[B, ...]``."""
-        return self.tensors[name][self.task_ids]
+        """Tensor ``name`` of each row's task: ``[B, ...]``, or ``[1, ...]`` shared by every row."""
+        tensor = self.tensors[name]
+        return tensor if self.task_ids is None else tensor[self.task_ids]
 
     def read(self, index: int, hidden: Tensor) -> Tensor:
         prefix = f"memories.{index}."
-        temperature = self.row(TEMPERATURE).view(-1, *([1] * hidden.dim()))  # [B, 1, ..., 1]
+        if TEMPERATURE in self.tensors:
+            temperature = self.row(TEMPERATURE).view(-1, *([1] * hidden.dim()))  # [B, 1, ..., 1]
+        else:
+            temperature = 1.0  # graph_tensors divided the child keys by it (and the exporter drops a division by 1)
         sub_keys = self.tensors.get(prefix + "sub_keys")
         parent_logits = None if sub_keys is None else product_parent_logits(hidden, self.row(prefix + "sub_keys").to(hidden.dtype))
         out, _, _ = dense_read(
@@ -196,11 +262,10 @@ class _RowNorm(nn.Module):
         self._check_against(template)
 
     def forward(self, hidden: Tensor) -> Tensor:
-        weight = self.rows.row(f"{self.prefix}.weight")
-        shape = (weight.shape[0], *([1] * (hidden.dim() - 2)), weight.shape[-1])  # [B, 1, ..., H]
-        out = self._normalize(hidden) * weight.view(shape).to(hidden.dtype)
+        weight = _per_row(self.rows.row(f"{self.prefix}.weight"), hidden.dim())  # [B, 1, ..., H]
+        out = self._normalize(hidden) * weight.to(hidden.dtype)
         if self.has_bias:
-            out = out + self.rows.row(f"{self.prefix}.bias").view(shape).to(hidden.dtype)
+            out = out + _per_row(self.rows.row(f"{self.prefix}.bias"), hidden.dim()).to(hidden.dtype)
         return out
 
     def _normalize(self, hidden: Tensor) -> Tensor:
@@ -224,6 +289,17 @@ class _RowNorm(nn.Module):
             raise ValueError(f"cannot read {type(template).__name__} per row: its arithmetic is not a plain norm")
 
 
+def _per_row(vector: Tensor, dims: int) -> Tensor:
+    """A per-row vector ``[B, H]`` or ``[B, 1, H]`` as ``[B, 1, ..., H]`` of ``dims`` dimensions, to
+    broadcast against ``[B, ..., H]``. Never reads the vector's shape: in the exported graph its
+    first dimension may be 1 (one task for every row) while the batch's is not."""
+    while vector.dim() < dims:
+        vector = vector.unsqueeze(1)
+    while vector.dim() > dims:
+        vector = vector.squeeze(1)
+    return vector
+
+
 def _norm_kind(module: nn.Module) -> str:
     name = type(module).__name__
     if isinstance(module, nn.LayerNorm) or name.endswith("LayerNorm"):
@@ -245,7 +321,7 @@ class _RowLinear(nn.Module):
         flat = x.unsqueeze(1) if x.dim() == 2 else x.flatten(1, -2)  # [B, K, I]
         out = flat @ weight.transpose(1, 2)  # [B, K, O]
         if self.has_bias:
-            out = out + self.rows.row(f"{self.prefix}.bias").to(x.dtype).unsqueeze(1)
+            out = out + _per_row(self.rows.row(f"{self.prefix}.bias"), 3).to(x.dtype)
         return out.squeeze(1) if x.dim() == 2 else out.unflatten(1, x.shape[1:-1])
 
 

@@ -160,3 +160,60 @@ def test_export_never_replaces_a_folder_it_did_not_write(tmp_path):
     with pytest.raises(ValueError, match="not a folder written by export_onnx"):
         export_onnx(model, tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_the_graph_reads_the_task_tensors_as_fed(bert_export, tmp_path):
+    """No task ids, no gathers, no temperature input; each trained norm stays one LayerNormalization
+    whose scale and bias are the task's inputs, also after ONNX Runtime's fusions."""
+    import onnx
+    import onnxruntime
+
+    _, folder = bert_export
+    task_inputs = set(json.loads((folder / "manifest.json").read_text())["task_tensors"])
+    graph = onnx.load(str(folder / "backbone.onnx")).graph
+    names = {value.name for value in graph.input}
+    assert task_inputs <= names and "task_ids" not in names and "temperature" not in names
+    assert not [node for node in graph.node if node.op_type in ("Gather", "GatherND") and node.input[0] in task_inputs]
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    onnxruntime.InferenceSession(str(folder / "backbone.onnx"), options, providers=["CPUExecutionProvider"])
+    optimised = onnx.load(str(tmp_path / "optimised.onnx")).graph
+    norms = {tuple(node.input[1:3]) for node in optimised.node if node.op_type == "LayerNormalization"}
+    weights = sorted(name for name in task_inputs if name.endswith("LayerNorm.weight"))
+    assert len(weights) == 4  # two layers, two trained norms each
+    assert {(weight, weight[: -len("weight")] + "bias") for weight in weights} <= norms
+
+
+def test_product_key_memories_export(tmp_path):
+    settings = dict(num_parents=9, top_k=2, value_init="normal", parent_keys="product", implementation="dense")
+    model = spartan.wrap_model(tiny("bert"), **settings, temperature=0.7, name="a")
+    spartan.add_memory(model, "b", **settings, temperature=1.3, num_labels=3)
+    randomise_task(model, "a", 0)
+    randomise_task(model, "b", 1)
+    model.eval()
+    runtime = OnnxRuntimeModel(export_onnx(model, tmp_path / "product"))
+    inputs = token_batch(3, 7)
+    feeds = {key: value.numpy() for key, value in inputs.items()}
+    for task in ("a", "b"):
+        np.testing.assert_allclose(runtime(task, **feeds), eager_logits(model, task, inputs), atol=1e-4, rtol=0)
+    with torch.no_grad():
+        expected = forward_tasks(model, ["b", "a", "b"], **inputs).logits.numpy()
+    np.testing.assert_allclose(runtime(["b", "a", "b"], **feeds), expected, atol=1e-4, rtol=0)
+
+
+def test_old_folders_and_old_onnx_runtimes_are_refused(bert_export, tmp_path, monkeypatch):
+    import shutil
+
+    import onnxruntime
+
+    _, folder = bert_export
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["manifest_version"] = 1  # stacked task tensors and a task_ids input
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="export again"):
+        OnnxRuntimeModel(old)
+    monkeypatch.setattr(onnxruntime, "__version__", "1.20.1")
+    with pytest.raises(RuntimeError, match="pip install -U onnxruntime"):
+        OnnxRuntimeModel(folder)

@@ -5,7 +5,16 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 import spartan
-from spartan.multitask import forward_tasks
+from spartan.multitask import (
+    TEMPERATURE,
+    RowTasks,
+    forward_tasks,
+    graph_shapes,
+    graph_tensors,
+    memory_shape,
+    output_layers,
+    task_tensors,
+)
 from tests.tiny_models import batch, tiny
 
 
@@ -97,3 +106,38 @@ def test_mixed_batches_compute_no_loss():
     inputs = batch()
     with pytest.raises(ValueError, match="leave labels out"):
         forward_tasks(model, ["pairs"] * 3, **inputs)
+
+
+def test_the_graph_layout_folds_the_temperature_and_pads_the_head():
+    model = three_task_backbone()
+    tensors = task_tensors(model, "nli")  # temperature 0.7, three labels
+    padded = output_layers(model)
+    graph = graph_tensors(tensors, graph_shapes(tensors, padded, max_labels=5), padded, num_parents=6)
+    assert TEMPERATURE not in graph
+    keys = graph["memories.0.keys"][0]
+    assert torch.equal(keys[:6], tensors["memories.0.keys"][:6])  # the parent keys as they are
+    torch.testing.assert_close(keys[6:], tensors["memories.0.keys"][6:] / 0.7)
+    head = graph["modules.classifier.weight"]
+    assert head.shape == (1, 5, 32) and torch.equal(head[0, :3], tensors["modules.classifier.weight"])
+    assert not head[0, 3:].any()
+    norm = "modules.bert.encoder.layer.0.output.LayerNorm.weight"
+    assert graph[norm].shape == (1, 1, 32)
+    shapes = graph_shapes(tensors, padded, max_labels=5)
+    shapes["memories.0.values"] = [7, 32]
+    with pytest.raises(ValueError, match=r"memories.0.values has shape \[18, 32\]; this graph takes \[7, 32\]"):
+        graph_tensors(tensors, shapes, padded, num_parents=6)
+
+
+def test_one_row_of_graph_tensors_is_read_by_every_row():
+    model = three_task_backbone()
+    tensors = task_tensors(model, "nli")
+    padded = output_layers(model)
+    rows = RowTasks(model, memory_shape(model, "nli"))
+    rows.tensors = graph_tensors(tensors, graph_shapes(tensors, padded, max_labels=3), padded, num_parents=6)
+    rows.task_ids = None
+    inputs = {key: value for key, value in batch(batch_size=4).items() if key != "labels"}
+    with torch.no_grad():
+        with rows.active():
+            broadcast = model(**inputs).logits
+        spartan.set_active_memory(model, "nli")
+        torch.testing.assert_close(broadcast, model(**inputs).logits, atol=1e-5, rtol=1e-5)
