@@ -3,19 +3,18 @@ examples/glue_finetune.py, deployed as one ONNX backbone and two task files, eva
 
 import importlib.util
 import json
-import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel, BertTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 import spartan  # noqa: E402
+from tests.tiny_models import save_tiny_bert_for_fixtures  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "glue"
@@ -38,18 +37,7 @@ def runs(tmp_path_factory):
     """Run folders of one-epoch spartan runs on the SST-2 and MRPC fixtures with a tiny BERT whose
     word-piece vocabulary is every word of the fixtures."""
     root = tmp_path_factory.mktemp("deploy-runs")
-    folder = root / "tiny-bert"
-    folder.mkdir()
-    words = set()
-    for path in FIXTURES.rglob("*.tsv"):
-        words.update(re.findall(r"\w+|[^\w\s]", path.read_text(encoding="utf-8-sig").lower()))
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]) + "\n")
-    tokenizer = BertTokenizer(str(folder / "vocab.txt"))
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=37)
-    BertModel(config).save_pretrained(folder)
+    folder = save_tiny_bert_for_fixtures(root / "tiny-bert", FIXTURES)
     finetune = load_example("glue_finetune")
     for task in ("sst2", "mrpc"):
         finetune.main(["--task", task, "--model", str(folder), "--data-dir", str(FIXTURES), "--output-dir",

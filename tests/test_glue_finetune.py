@@ -4,7 +4,6 @@ where it is installed, and with a tiny BERT saved to a temporary folder (runs in
 import importlib.util
 import json
 import logging
-import re
 import shutil
 import time
 from pathlib import Path
@@ -12,10 +11,10 @@ from pathlib import Path
 import datasets
 import huggingface_hub
 import pytest
-import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel, BertTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import spartan
+from tests.tiny_models import save_tiny_bert_for_fixtures
 from spartan import glue
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,19 +38,7 @@ def minilm():
 def tiny_model(tmp_path_factory):
     """A folder with a tiny BERT encoder (no task head: loading it makes a new, random one) and a
     word-piece tokenizer whose vocabulary is every word and punctuation mark of the fixtures."""
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    words = set()
-    for path in FIXTURES.rglob("*.tsv"):
-        words.update(re.findall(r"\w+|[^\w\s]", path.read_text(encoding="utf-8-sig").lower()))
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]) + "\n")
-    tokenizer = BertTokenizer(str(folder / "vocab.txt"))
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37
-    )
-    BertModel(config).save_pretrained(folder)
-    return str(folder)
+    return save_tiny_bert_for_fixtures(tmp_path_factory.mktemp("tiny-bert"), FIXTURES)
 
 
 def run(example, output_dir, *options, data_dir=FIXTURES):

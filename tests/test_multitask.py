@@ -55,19 +55,24 @@ def test_each_row_is_read_by_its_own_task():
             assert torch.isnan(mixed[row, len(alone) :]).all()
 
 
-@pytest.mark.parametrize("architecture", ["gpt2", "llama", "distilbert", "roberta"])
-def test_mixed_batches_on_other_architectures(architecture):
-    model = spartan.wrap_model(tiny(architecture), num_parents=4, top_k=2, value_init="normal", name="a")
-    spartan.add_memory(model, "b", num_parents=4, top_k=2, value_init="normal")
+def assert_each_row_reads_its_task(model, tasks):
+    """Tasks "a" and "b" randomised; each row of a mixed batch equals its own task's logits alone."""
     randomise_task(model, "a", 0)
     randomise_task(model, "b", 1)
     inputs = {key: value for key, value in batch().items() if key != "labels"}
     with torch.no_grad():
-        mixed = forward_tasks(model.eval(), ["b", "a", "b"], **inputs).logits
-        for row, name in enumerate(["b", "a", "b"]):
+        mixed = forward_tasks(model.eval(), tasks, **inputs).logits
+        for row, name in enumerate(tasks):
             spartan.set_active_memory(model, name)
             alone = model(**{key: value[row : row + 1] for key, value in inputs.items()}).logits[0]
             torch.testing.assert_close(mixed[row], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama", "distilbert", "roberta"])
+def test_mixed_batches_on_other_architectures(architecture):
+    model = spartan.wrap_model(tiny(architecture), num_parents=4, top_k=2, value_init="normal", name="a")
+    spartan.add_memory(model, "b", num_parents=4, top_k=2, value_init="normal")
+    assert_each_row_reads_its_task(model, ["b", "a", "b"])
 
 
 def test_mixed_batches_are_refused_clearly():
@@ -90,15 +95,7 @@ def test_product_key_memories_read_per_row():
                                implementation="dense", name="a")
     spartan.add_memory(model, "b", num_parents=9, top_k=2, value_init="normal", parent_keys="product",
                        implementation="dense")
-    randomise_task(model, "a", 0)
-    randomise_task(model, "b", 1)
-    inputs = {key: value for key, value in batch().items() if key != "labels"}
-    with torch.no_grad():
-        mixed = forward_tasks(model.eval(), ["b", "a", "a"], **inputs).logits
-        for row, name in enumerate(["b", "a", "a"]):
-            spartan.set_active_memory(model, name)
-            alone = model(**{key: value[row : row + 1] for key, value in inputs.items()}).logits[0]
-            torch.testing.assert_close(mixed[row], alone, atol=1e-5, rtol=1e-5)
+    assert_each_row_reads_its_task(model, ["b", "a", "a"])
 
 
 def test_mixed_batches_compute_no_loss():

@@ -69,3 +69,27 @@ def batch(batch_size: int = 3, length: int = 7, seed: int = 0) -> dict[str, torc
     input_ids[-1, length - 2 :] = 0
     labels = torch.randint(0, 2, (batch_size,), generator=generator)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def save_tiny_bert_for_fixtures(folder, fixtures) -> str:
+    """Save into ``folder`` a tiny BERT encoder (no task head: loading it makes a new, random one) and a
+    word-piece tokenizer whose vocabulary is every word and punctuation mark of the GLUE fixtures."""
+    import re
+    from pathlib import Path
+
+    from transformers import BertModel, BertTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    words = set()
+    for path in Path(fixtures).rglob("*.tsv"):
+        words.update(re.findall(r"\w+|[^\w\s]", path.read_text(encoding="utf-8-sig").lower()))
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]) + "\n")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"))
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37
+    )
+    BertModel(config).save_pretrained(folder)
+    return str(folder)
