@@ -23,6 +23,14 @@ schedule). Its result is one JSON file, ``results/glue_runs/<setting>/<RunSpec.n
 ``full-5ep``, ``full-dropout0``): an interrupted protocol resumes where it stopped, and the tables
 (results/glue_<setting>.{md,json}) are rebuilt from every run present (--report-only: from them alone).
 Wall-clock training time excludes evaluation and checkpoint saving.
+
+Tasks: the main table is the three-task protocol (``TASKS``: RTE, MRPC, SST-2) and its average, as
+before CoLA. ``--tasks cola`` (``FOUR_TASKS``; the default stays ``TASKS``) adds CoLA, scored by its
+main metric, the Matthews correlation x100. Where CoLA runs exist, a second table follows the main
+one: each method with CoLA runs, its CoLA score (lr, seeds, train s), its three-task average and,
+for methods with runs on all four tasks, the four-task average; the sweep table gains a CoLA column.
+The JSON summary gives such a row ``tasks["cola"]`` and ``average_four_tasks``. Without CoLA runs
+the tables are exactly the three-task ones.
 """
 
 from __future__ import annotations
@@ -53,7 +61,8 @@ from spartan._io import atomic_write_text  # noqa: E402
 from spartan.training import TrainingConfig, train  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-TASKS = ("rte", "mrpc", "sst2")
+TASKS = ("rte", "mrpc", "sst2")  # the main table and its average
+FOUR_TASKS = (*TASKS, "cola")  # what --tasks accepts; the CoLA table's four-task average
 # method -> the learning rates swept on the first seed
 LEARNING_RATES = {
     "head": (1e-3, 3e-3, 1e-2),
@@ -310,7 +319,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--data-dir", type=Path, help="folder in the official GLUE layout (not needed with --report-only)"
     )
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=FOUR_TASKS)
     parser.add_argument("--methods", nargs="+", default=list(LEARNING_RATES), choices=list(LEARNING_RATES))
     parser.add_argument("--spartan", type=json_object, default={}, help="SpartanConfig overrides for spartan, as JSON")
     parser.add_argument(
@@ -494,7 +503,7 @@ def summarise(runs: list[dict], first_seed: int) -> list[dict]:
     variants = sorted({r["method"] for r in runs if r["method"] not in LEARNING_RATES})
     for method in [*LEARNING_RATES, *variants]:
         row = {"method": method, "tasks": {}}
-        for task in TASKS:
+        for task in FOUR_TASKS:
             lr = best_learning_rate(runs, task, method, first_seed)
             if lr is None:
                 continue
@@ -512,8 +521,10 @@ def summarise(runs: list[dict], first_seed: int) -> list[dict]:
                 "trainable_params": chosen[0]["trainable_params"],
             }
         if row["tasks"]:
-            if len(row["tasks"]) == len(TASKS):
-                row["average"] = statistics.mean(t["score_mean"] for t in row["tasks"].values())
+            if all(task in row["tasks"] for task in TASKS):
+                row["average"] = statistics.mean(row["tasks"][task]["score_mean"] for task in TASKS)
+            if all(task in row["tasks"] for task in FOUR_TASKS):
+                row["average_four_tasks"] = statistics.mean(row["tasks"][task]["score_mean"] for task in FOUR_TASKS)
             rows.append(row)
     return rows
 
@@ -532,9 +543,9 @@ def markdown(rows: list[dict], runs: list[dict], setting: str, first_seed: int) 
         + " | average |",
         "|---|---|" + "---|---|---|---|" * len(TASKS) + "---|",
     ]
-    for row in rows:
+    for row in (row for row in rows if any(task in row["tasks"] for task in TASKS)):
         cells = []
-        params = next(iter(row["tasks"].values()))["trainable_params"]
+        params = next(entry for task, entry in row["tasks"].items() if task in TASKS)["trainable_params"]
         for task in TASKS:
             entry = row["tasks"].get(task)
             if entry is None:
@@ -552,22 +563,49 @@ def markdown(rows: list[dict], runs: list[dict], setting: str, first_seed: int) 
         f"{len(runs)} runs in results/glue_runs/{setting}/ (every learning rate and seed, with all metrics).",
         "",
     ]
+    lines += cola_table(rows)
     lines += sweep_table(rows, runs, first_seed)
     return "\n".join(lines) + "\n"
 
 
+def cola_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: the methods with CoLA runs, their CoLA score (Matthews correlation x100), the
+    three-task average and the four-task one (methods with all four tasks); no lines without CoLA runs."""
+    with_cola = [row for row in rows if "cola" in row["tasks"]]
+    if not with_cola:
+        return []
+    lines = [
+        "With CoLA (Matthews correlation x100, learning rate chosen on the first seed as above); "
+        "the four-task average is over " + ", ".join(t.upper() for t in FOUR_TASKS) + ", for methods with all four:",
+        "",
+        "| method | trainable params | COLA | lr | seeds | train s | average (3 tasks) | average (4 tasks) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in with_cola:
+        entry = row["tasks"]["cola"]
+        spread = f" +- {entry['score_std']:.1f}" if entry["score_std"] is not None else ""
+        averages = [f"{row[key]:.1f}" if key in row else "" for key in ("average", "average_four_tasks")]
+        lines.append(
+            f"| `{row['method']}` | {entry['trainable_params']:,} | {entry['score_mean']:.1f}{spread} | "
+            f"{entry['learning_rate']:g} | {len(entry['seeds'])} | {entry['train_seconds_mean']:.0f} | "
+            + " | ".join(averages) + " |"
+        )
+    return [*lines, ""]
+
+
 def sweep_table(rows: list[dict], runs: list[dict], first_seed: int) -> list[str]:
     """Markdown lines: every method's score at each learning rate of the sweep on the first seed, the chosen one
-    in bold."""
+    in bold; a CoLA column where CoLA runs exist."""
+    tasks = [task for task in FOUR_TASKS if task in TASKS or any(task in row["tasks"] for row in rows)]
     lines = [
         "Learning-rate sweep on the first seed (score x100 at each rate; bold: chosen):",
         "",
-        "| method | " + " | ".join(t.upper() for t in TASKS) + " |",
-        "|---|" + "---|" * len(TASKS),
+        "| method | " + " | ".join(t.upper() for t in tasks) + " |",
+        "|---|" + "---|" * len(tasks),
     ]
     for row in rows:
         cells = []
-        for task in TASKS:
+        for task in tasks:
             entry = row["tasks"].get(task)
             if entry is None:
                 cells.append("")

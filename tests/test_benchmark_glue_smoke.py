@@ -63,6 +63,38 @@ def test_protocol_sweeps_then_seeds_resumes_and_reports(glue_benchmark, tmp_path
     assert spartan_rte["seeds"] == [0, 1] and 0 <= spartan_rte["score_mean"] <= 100
 
 
+def test_a_cola_run_is_scored_by_mcc_and_reported_beside_the_three_task_table(glue_benchmark, tmp_path):
+    argv = ["--data-dir", str(FIXTURES), "--tasks", "cola", "--methods", "head", "--seeds", "0", "--few-shot", "4",
+            "--epochs", "1", "--batch-size", "2", "--lrs", "1e-3", "--out", str(tmp_path)]
+    glue_benchmark.main(argv)
+    runs_dir = tmp_path / "glue_runs" / "fewshot4-1ep-bs2"
+    record = json.loads((runs_dir / "cola-head-lr0.001-seed0.json").read_text())
+    assert [path.name for path in runs_dir.glob("*.json")] == ["cola-head-lr0.001-seed0.json"]
+    mcc = record["metrics"]["matthews_correlation"]
+    assert set(record["metrics"]) == {"matthews_correlation"} and record["score"] == mcc and -1 <= mcc <= 1
+    table = (tmp_path / "glue_fewshot4-1ep-bs2.md").read_text()
+    assert f"| `head` | {record['trainable_params']:,} | {100 * mcc:.1f} | 0.001 | 1 |" in table
+    assert "| method | RTE | MRPC | SST2 | COLA |" in table  # the sweep gains a CoLA column
+    (row,) = json.loads((tmp_path / "glue_fewshot4-1ep-bs2.json").read_text())
+    assert row["tasks"]["cola"]["score_mean"] == 100 * mcc and "average" not in row
+
+    # the same method on the three other tasks (records made up from the CoLA one): both averages
+    scores = {"rte": 0.5, "mrpc": 0.75, "sst2": 0.625}
+    for task, score in scores.items():
+        spec = glue_benchmark.RunSpec.from_record(record).replace(task=task)
+        metrics = {"accuracy": score, "f1": score} if task == "mrpc" else {"accuracy": score}
+        made_up = {**record, **spec.record(), "metrics": metrics, "score": score}
+        (runs_dir / f"{spec.name}.json").write_text(json.dumps(made_up))
+    glue_benchmark.main(["--report-only", *argv[2:]])
+    (row,) = json.loads((tmp_path / "glue_fewshot4-1ep-bs2.json").read_text())
+    assert row["average"] == pytest.approx(100 * sum(scores.values()) / 3)
+    assert row["average_four_tasks"] == pytest.approx(100 * (sum(scores.values()) + mcc) / 4)
+    table = (tmp_path / "glue_fewshot4-1ep-bs2.md").read_text()
+    main_row = next(line for line in table.splitlines() if line.startswith("| `head` |"))
+    assert "| 62.5 | 0.001 | 1 |" in main_row and main_row.endswith(f"| {row['average']:.1f} |")  # no CoLA in it
+    assert f"| {row['average']:.1f} | {row['average_four_tasks']:.1f} |" in table
+
+
 def test_variants_are_named_by_their_overrides(glue_benchmark):
     args = glue_benchmark.parse_args(
         ["--data-dir", "x", "--methods", "spartan", "lora", "--spartan", '{"temperature": 1.0}',
