@@ -438,6 +438,12 @@ def run_one(data: Data, spec: RunSpec) -> dict:
         "train_examples": len(train_data),
         "train_seconds": result.train_runtime_s - result.checkpoint_runtime_s,
         "trainable_params": built.trainable_params,
+        # every evaluation (at each epoch's end): the main metric by epoch, e.g. whether CoLA learns in epoch 1
+        "evaluations": [
+            {"step": r["step"], "epoch": r["epoch"], **{m: r[m] for m in task.metrics if m in r}}
+            for r in result.log_history
+            if "eval_loss" in r
+        ],
         **({"config": built.extra} if built.extra else {}),
     }
 

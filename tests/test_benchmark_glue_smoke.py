@@ -72,6 +72,8 @@ def test_a_cola_run_is_scored_by_mcc_and_reported_beside_the_three_task_table(gl
     assert [path.name for path in runs_dir.glob("*.json")] == ["cola-head-lr0.001-seed0.json"]
     mcc = record["metrics"]["matthews_correlation"]
     assert set(record["metrics"]) == {"matthews_correlation"} and record["score"] == mcc and -1 <= mcc <= 1
+    (evaluation,) = record["evaluations"]  # one epoch, one evaluation: the MCC by epoch is kept
+    assert evaluation["epoch"] == 1 and evaluation["matthews_correlation"] == mcc
     table = (tmp_path / "glue_fewshot4-1ep-bs2.md").read_text()
     assert f"| `head` | {record['trainable_params']:,} | {100 * mcc:.1f} | 0.001 | 1 |" in table
     assert "| method | RTE | MRPC | SST2 | COLA |" in table  # the sweep gains a CoLA column
