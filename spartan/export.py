@@ -121,6 +121,8 @@ def export_onnx(
                     "model_type": get_model_type(model),
                     "hidden_size": get_hidden_size(model),
                     "layers": get_layer_paths(model),
+                    "vocab_size": getattr(model.config, "vocab_size", None),
+                    "max_sequence_length": _max_sequence_length(model),
                 },
                 "tasks": {name: labels[name].to_dict() for name in names},
             }
@@ -211,7 +213,7 @@ class OnnxRuntimeModel:
         """Logits ``[B, L]`` (numpy float32) of ``task``'s head, or with one task name per row, of
         each row's own task: then L is the largest label count among the rows' tasks and the
         columns past a row's own count are NaN."""
-        input_ids = _token_array("input_ids", input_ids)
+        input_ids = self._check_tokens(_token_array("input_ids", input_ids))
         batch = len(input_ids)
         attention_mask = np.ones_like(input_ids) if attention_mask is None else _token_array("attention_mask", attention_mask)
         if attention_mask.shape != input_ids.shape:
@@ -251,6 +253,24 @@ class OnnxRuntimeModel:
         replace_folder(self.folder / TASKS_FOLDER / name, lambda staging: _copy_files(source, staging))
         self.manifest["tasks"][name] = dict(self._task_info[name])
         atomic_write_text(self.folder / MANIFEST_NAME, json.dumps(self.manifest, indent=2) + "\n")
+
+    def _check_tokens(self, input_ids: np.ndarray) -> np.ndarray:
+        """One clear error for what ONNX Runtime would refuse with a page of its own: an empty
+        batch, ids outside the vocabulary, sequences longer than the backbone's positions."""
+        backbone = self.manifest["backbone"]
+        if input_ids.size == 0:
+            raise ValueError(f"input_ids has shape {input_ids.shape}: give at least one row of at least one token")
+        vocab, longest = backbone.get("vocab_size"), backbone.get("max_sequence_length")
+        if input_ids.min() < 0 or (vocab is not None and input_ids.max() >= vocab):
+            raise ValueError(
+                f"input_ids holds ids from {input_ids.min()} to {input_ids.max()}; this backbone's vocabulary has "
+                f"{vocab} ids: tokenize with the backbone's own tokenizer"
+            )
+        if longest is not None and input_ids.shape[1] > longest:
+            raise ValueError(
+                f"input_ids has {input_ids.shape[1]} tokens per row; this backbone takes at most {longest}: truncate"
+            )
+        return input_ids
 
     def _known(self, task: str) -> str:
         if task not in self._tasks:
@@ -347,7 +367,7 @@ def _export_graph(
     token_types = torch.zeros(batch, length, dtype=torch.long) if uses_token_types else None
     tensors = tuple(torch.cat([examples[0][name], examples[1][name], examples[0][name]]) for name in tensor_names)
     b = torch.export.Dim("batch")
-    s = torch.export.Dim("sequence", max=getattr(model.config, "max_position_embeddings", 4096) or 4096)
+    s = torch.export.Dim("sequence", max=_max_sequence_length(model) or 4096)
     dynamic = (
         {0: b, 1: s},
         {0: b, 1: s},
@@ -459,6 +479,11 @@ def _shared_shape(model: nn.Module, names: list[str]) -> MemoryShape:
     if len(set(shapes.values())) > 1:
         raise ValueError(f"the tasks' memories differ in shape ({shapes}): one graph serves one memory shape")
     return shapes[names[0]]
+
+
+def _max_sequence_length(model: nn.Module) -> int | None:
+    config = model.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 def _uses_token_types(model: nn.Module) -> bool:

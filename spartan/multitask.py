@@ -15,6 +15,7 @@ no task tensor: each of those would be an operator per layer on every call.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -328,8 +329,6 @@ class _RowLinear(nn.Module):
 def _row_head(rows: RowTasks, head: nn.Module, prefix: str) -> nn.Module:
     """A copy of ``head`` whose linear layers read each row's task's weights. Heads made of linear
     layers and parameter-free modules (activations, dropout, pooling) are supported."""
-    import copy
-
     if isinstance(head, nn.Linear):
         return _RowLinear(rows, head, prefix)
     others = [

@@ -130,6 +130,12 @@ def test_clear_errors(bert_export, tmp_path):
         runtime("nope", **inputs)
     with pytest.raises(ValueError, match=r"\[batch, sequence\]"):
         runtime("pairs", input_ids=inputs["input_ids"][0])
+    with pytest.raises(ValueError, match="at least one row"):
+        runtime("pairs", input_ids=inputs["input_ids"][:0])
+    with pytest.raises(ValueError, match="vocabulary has 99 ids"):
+        runtime("pairs", input_ids=inputs["input_ids"] + 1000)
+    with pytest.raises(ValueError, match="at most 512"):
+        runtime("pairs", input_ids=np.ones((1, 600), dtype=np.int64))
     with pytest.raises(ValueError, match="integers"):
         runtime("pairs", input_ids=inputs["input_ids"].astype(np.float32))
     with pytest.raises(ValueError, match="one task name per row"):
