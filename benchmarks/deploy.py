@@ -195,26 +195,31 @@ def quantize_int8(source: Path, target: Path) -> float:
     return time.perf_counter() - start
 
 
-def plain_session(path: Path, threads: int):
-    """An ONNX Runtime CPU session with the options ``spartan.OnnxRuntimeModel(threads=...)`` sets, and no
-    spinning: by default a session's intra-op threads keep spinning after each run, and on a machine with as
-    many cores as threads they slow whichever session runs next, so interleaved timings would mostly
-    measure the previous method's threads."""
+def session_options(threads: int):
+    """The ONNX Runtime options every method runs under: ``threads`` intra-op threads, one inter-op
+    thread (as ``spartan.OnnxRuntimeModel(threads=...)`` sets) and no spinning: by default a session's
+    intra-op threads keep spinning after each run, and on a machine with as many cores as threads they
+    slow whichever session runs next, so interleaved timings would mostly measure the previous method's
+    threads."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return options
+
+
+def plain_session(path: Path, threads: int):
+    """An ONNX Runtime CPU session over ``path`` with ``session_options(threads)``."""
+    import onnxruntime
+
+    return onnxruntime.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def open_runtime(folder: Path, graph: str, threads: int):
-    """``spartan.OnnxRuntimeModel`` over ``folder``'s ``graph``, its session replaced by ``plain_session``'s
-    (the same graph, the same threads, no spinning) so that every method runs under one set of options."""
-    runtime = spartan.OnnxRuntimeModel(folder, graph=graph, threads=threads)
-    runtime.session = plain_session(folder / runtime.manifest["graphs"][graph], threads)
-    return runtime
+    """``spartan.OnnxRuntimeModel`` over ``folder``'s ``graph`` under ``session_options(threads)``."""
+    return spartan.OnnxRuntimeModel(folder, graph=graph, threads=threads, session_options=session_options(threads))
 
 
 def session_call(session) -> Callable[[dict[str, np.ndarray]], Callable[[], None]]:

@@ -140,7 +140,10 @@ class OnnxRuntimeModel:
         output_dir: the exported folder.
         providers: ONNX Runtime execution providers (default: CPU).
         graph: ``"fp32"`` or ``"int8"`` (default: the manifest's, int8 when it was quantized).
-        threads: intra-op threads (default: ONNX Runtime's choice).
+        threads: intra-op threads (default: ONNX Runtime's choice); sets ``intra_op_num_threads`` and one
+            inter-op thread on the session options.
+        session_options: an ``onnxruntime.SessionOptions`` to start from (graph optimisation level,
+            thread spinning, profiling, ...); ``threads`` is applied on top of it.
 
     Examples::
 
@@ -158,6 +161,7 @@ class OnnxRuntimeModel:
         providers: Sequence[str] | None = None,
         graph: str | None = None,
         threads: int | None = None,
+        session_options=None,
     ) -> None:
         import onnxruntime
 
@@ -183,7 +187,11 @@ class OnnxRuntimeModel:
         if graph not in self.manifest["graphs"]:
             raise ValueError(f"graph {graph!r} is not in {self.folder}; it has {sorted(self.manifest['graphs'])}")
         self.graph = graph
-        options = onnxruntime.SessionOptions()
+        if session_options is not None and not isinstance(session_options, onnxruntime.SessionOptions):
+            raise TypeError(
+                f"session_options must be an onnxruntime.SessionOptions, got {type(session_options).__name__}"
+            )
+        options = session_options if session_options is not None else onnxruntime.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = check.positive_int("threads", threads)
             options.inter_op_num_threads = 1

@@ -101,6 +101,21 @@ def test_the_folder_holds_one_backbone_and_small_task_files(bert_export):
     assert np.isfinite(int8_runtime("pairs", **inputs)).all()
 
 
+def test_session_options_are_used_with_threads_on_top(bert_export):
+    import onnxruntime
+
+    model, folder = bert_export
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    runtime = OnnxRuntimeModel(folder, graph="fp32", threads=1, session_options=options)
+    used = runtime.session.get_session_options()
+    assert used.graph_optimization_level == onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert used.intra_op_num_threads == 1
+    inputs = {key: value.numpy() for key, value in token_batch(2, 6).items()}
+    expected = OnnxRuntimeModel(folder, graph="fp32")("pairs", **inputs)
+    np.testing.assert_allclose(runtime("pairs", **inputs), expected, atol=1e-5)
+
+
 def test_a_task_trained_after_the_export_is_added_without_re_export(bert_export, tmp_path):
     model, folder = bert_export
     import shutil
@@ -144,6 +159,8 @@ def test_clear_errors(bert_export, tmp_path):
         runtime("pairs", input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"][:, :3])
     with pytest.raises(FileNotFoundError, match="not a folder written by export_onnx"):
         OnnxRuntimeModel(tmp_path)
+    with pytest.raises(TypeError, match="onnxruntime.SessionOptions"):
+        OnnxRuntimeModel(folder, session_options={"intra_op_num_threads": 1})
     other = spartan.wrap_model(tiny("bert", seed=3), num_parents=4, top_k=2)  # another memory shape
     with pytest.raises(ValueError, match="memories of shape"):
         runtime.add_task("other", spartan.save_memory(other, tmp_path / "other"))
