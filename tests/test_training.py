@@ -1,5 +1,6 @@
 """The Accelerate training loop: learning, reproducibility, resume, best checkpoint, early stopping, config checks,
-gradient accumulation, logs, errors, two processes; and the transformers Trainer on a wrapped model."""
+gradient accumulation, logs, errors, two processes, data-parallel and sharded; and the transformers Trainer on a
+wrapped model."""
 
 import json
 import os
@@ -97,9 +98,10 @@ def test_learns_toy_task_and_logs(tmp_path):
 
 def test_same_seed_gives_identical_runs(tmp_path):
     results, weights = [], []
-    for name in ("first", "second"):
+    for name, sharding in [("first", "none"), ("second", "fsdp")]:  # on one process, nothing to shard across
         model = wrapped_bert()
-        config = settings(tmp_path, name, max_steps=6, eval_every_steps=3, metric_for_best="accuracy")
+        options = {"max_steps": 6, "eval_every_steps": 3, "metric_for_best": "accuracy", "sharding": sharding}
+        config = settings(tmp_path, name, **options)
         results.append(train(model, toy_dataset(64), toy_dataset(32, seed=1), config, compute_metrics=accuracy))
         weights.append(trainable(model))
     assert evaluations(results[0]) == evaluations(results[1])
@@ -308,6 +310,7 @@ def test_config_json_round_trip(tmp_path):
         ({"progress": "no"}, "progress must be True or False"),
         ({"metric_for_best": ""}, "metric_for_best"),
         ({"output_dir": None}, "output_dir"),
+        ({"sharding": "zero3"}, "sharding must be one of 'none', 'fsdp'"),
     ],
 )
 def test_bad_config_values_are_refused(overrides, message):
@@ -365,13 +368,18 @@ def test_clear_errors(tmp_path):
         train(spartan.wrap_model(tiny("bert"), num_parents=8, top_k=2), data, config=settings(tmp_path, "finished", max_steps=1))
 
 
-def test_two_processes(tmp_path):
-    """Data-parallel on CPU: each process takes half the batches; evaluation gathers all examples."""
+def run_on_two_cpu_processes(script, output):
+    """Run ``tests/<script> <output>`` on two CPU processes (gloo) started by torchrun."""
     environment = os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += [str(TESTS / "distributed_training_run.py"), str(tmp_path / "run")]
+    command += [str(TESTS / script), str(output)]
     completed = subprocess.run(command, check=False, env=environment, capture_output=True, text=True, timeout=240)
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+
+
+def test_two_processes(tmp_path):
+    """Data-parallel on CPU: each process takes half the batches; evaluation gathers all examples."""
+    run_on_two_cpu_processes("distributed_training_run.py", tmp_path / "run")
 
     results = [json.loads((tmp_path / "run" / f"result-{rank}.json").read_text()) for rank in (0, 1)]
     assert results[0] == results[1]
@@ -380,6 +388,71 @@ def test_two_processes(tmp_path):
     assert results[0]["best_metrics"]["examples"] == 45  # gathered, without the padding duplicates
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert steps == [4, 8, 8]  # written by one process only: evaluations at each epoch's end, the loss at the end
+
+
+def test_sharded_training_on_two_processes(tmp_path):
+    """sharding="fsdp" on two CPU processes (tests/sharded_training_run.py): each process holds one slice of
+    every memory table; the run reaches the parameters of the data-parallel one, with gradient accumulation
+    and clipping by the global norm; its checkpoints hold full tensors in the unsharded run's format; an
+    interrupted sharded run resumes exactly; every process's model comes back whole, holding best/."""
+    run_on_two_cpu_processes("sharded_training_run.py", tmp_path)
+
+    def outputs(name):
+        summaries = [json.loads((tmp_path / f"{name}-{rank}.json").read_text()) for rank in (0, 1)]
+        tensors = [load_file(tmp_path / f"{name}-{rank}.safetensors") for rank in (0, 1)]
+        assert_same_tensors(tensors[1], tensors[0])  # the same model on both processes
+        assert all(summary["plain_after_training"] for summary in summaries)
+        return summaries, tensors[0]
+
+    (ddp, _), (fsdp, fsdp_model), (resumed, resumed_model) = outputs("ddp"), outputs("fsdp"), outputs("resumed")
+    whole = [["keys", [27, 32], 27], ["sub_keys", [2, 3, 16], 2], ["values", [27, 32], 27]]
+    assert ddp[0]["table_rows"] == ddp[1]["table_rows"] == whole
+    assert fsdp[0]["table_rows"] == [["keys", [27, 32], 14], ["sub_keys", [2, 3, 16], 1], ["values", [27, 32], 14]]
+    assert fsdp[1]["table_rows"] == [["keys", [27, 32], 13], ["sub_keys", [2, 3, 16], 1], ["values", [27, 32], 13]]
+    assert fsdp[0]["global_step"] == 6 and fsdp[0]["log"] == fsdp[1]["log"]
+
+    # The final parameters, gathered into last/, are the data-parallel run's; the files have the same format.
+    last = {name: tmp_path / name / "last" for name in ("ddp", "fsdp", "resumed")}
+    final = {name: load_file(folder / "trainable_weights.safetensors") for name, folder in last.items()}
+    assert final["fsdp"].keys() == final["ddp"].keys()
+    for name, expected in final["ddp"].items():
+        torch.testing.assert_close(final["fsdp"][name], expected, rtol=0, atol=1e-5, msg=name)
+    states = {name: load_file(folder / "training_state.safetensors") for name, folder in last.items()}
+    assert {k: v.shape for k, v in states["fsdp"].items()} == {k: v.shape for k, v in states["ddp"].items()}
+    descriptions = {name: json.loads((folder / "training_state.json").read_text()) for name, folder in last.items()}
+    assert descriptions["fsdp"]["optimizer"]["param_groups"] == descriptions["ddp"]["optimizer"]["param_groups"]
+    assert descriptions["fsdp"].keys() == descriptions["ddp"].keys()
+    for kind in ("last", "best"):
+        files = [sorted(path.name for path in (tmp_path / name / kind).iterdir()) for name in ("fsdp", "ddp")]
+        assert files[0] == files[1]
+
+    # Interrupted mid-epoch and resumed: the uninterrupted sharded run's log, parameters and optimizer state.
+    assert resumed[0]["log"] == fsdp[0]["log"]
+    assert_same_tensors(final["resumed"], final["fsdp"])
+    assert_same_tensors(states["resumed"], states["fsdp"])
+    assert_same_tensors(resumed_model, fsdp_model)
+
+    # best/ loads with spartan.load_memory into a fresh, unsharded model: the trained model's outputs.
+    loaded = spartan.load_memory(tiny("bert"), tmp_path / "fsdp" / "best")
+    with torch.no_grad():
+        logits = loaded(**padding_collator(toy_dataset(24, seed=1)[:8])).logits
+    torch.testing.assert_close(logits, fsdp_model["logits"], rtol=0, atol=1e-6)
+    best_weights = {f"trained.{name}": value for name, value in trainable(loaded).items()}
+    assert_same_tensors(best_weights, {name: value for name, value in fsdp_model.items() if name != "logits"})
+
+
+def test_sharding_refusals(tmp_path):
+    """What sharding="fsdp" cannot shard is refused on one process already, in one line naming the fix."""
+    sparse = spartan.wrap_model(
+        tiny("bert"), num_parents=16, top_k=2, parent_keys="product", implementation="sparse", sparse_gradients=True
+    )
+    with pytest.raises(ValueError, match=r"cannot reduce-scatter sparse gradients: .*sparse_gradients=False\)"):
+        train(sparse, toy_dataset(16), config=settings(tmp_path, sharding="fsdp"))
+    tied = tiny("bert").requires_grad_(False)
+    norms = [layer.output.LayerNorm for layer in tied.bert.encoder.layer]
+    norms[1].weight = norms[0].weight.requires_grad_(True)  # one trainable tensor in two modules
+    with pytest.raises(ValueError, match=r"layer.0.output.LayerNorm' and .*layer.1.output.LayerNorm' share a param"):
+        train(tied, toy_dataset(16), config=settings(tmp_path, sharding="fsdp"))
 
 
 def test_transformers_trainer_trains_a_wrapped_model(tmp_path):

@@ -12,6 +12,7 @@ from .. import _validate as check
 from ..config import JsonConfig
 
 MIXED_PRECISIONS = ("no", "bf16", "auto")
+SHARDINGS = ("none", "fsdp")
 POSITIVE_INTS = ("num_epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "log_every_steps")
 OPTIONAL_POSITIVE_INTS = ("max_steps", "eval_every_steps", "early_stopping_patience")
 FLAGS = ("greater_is_better", "resume", "progress")
@@ -60,6 +61,16 @@ class TrainingConfig(JsonConfig):
         log_every_steps: log the training loss and learning rate every this many updates.
         num_workers: DataLoader worker processes.
         progress: show a tqdm progress bar (main process only).
+        sharding: how several processes split the work. ``"none"``: data-parallel (DDP), every
+            process holds all trainable parameters, their gradients and optimizer state.
+            ``"fsdp"``: each module that holds trainable parameters (each memory with its
+            ``keys``, ``values`` and ``sub_keys``, the head, the trained norms) is sharded on its
+            own with PyTorch's FSDP2 (``fully_shard``): each process holds one slice of every
+            table and its AdamW moments, and a table whole only while its layer runs. The frozen
+            backbone is not sharded (every process holds it). Checkpoints hold full tensors, as
+            an unsharded run's, and the model returned holds the full trained weights on every
+            process. On one process there is nothing to shard across and the run is the
+            unsharded one. Sparse gradients (``SpartanConfig(sparse_gradients=True)``) are refused.
     """
 
     output_dir: str
@@ -83,6 +94,7 @@ class TrainingConfig(JsonConfig):
     log_every_steps: int = 10
     num_workers: int = 0
     progress: bool = True
+    sharding: str = "none"
 
     def __post_init__(self) -> None:
         output_dir = os.fspath(self.output_dir) if isinstance(self.output_dir, (str, os.PathLike)) else None
@@ -102,6 +114,7 @@ class TrainingConfig(JsonConfig):
         if self.max_grad_norm is not None:
             self.max_grad_norm = check.positive_number("max_grad_norm (or None: no clipping)", self.max_grad_norm)
         self.mixed_precision = check.choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        self.sharding = check.choice("sharding", self.sharding, SHARDINGS)
         if self.metric_for_best is not None and (not isinstance(self.metric_for_best, str) or not self.metric_for_best):
             raise ValueError(
                 "metric_for_best must be None (lowest eval loss) or a key of compute_metrics' output, "

@@ -9,8 +9,12 @@ through ``weights``, the one place that tells a model wrapped by spartan (``best
 checkpoint, which ``spartan.load_memory`` reads) from any other (``best/`` holds the trainable
 parameters in safetensors).
 
-Runs data-parallel when launched on several processes (``accelerate launch`` on GPUs; on CPU,
-``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N``); only the main process writes files.
+Launched on several processes (``accelerate launch`` or ``torchrun`` on GPUs; on CPU,
+``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N``), it runs data-parallel (DDP: every process
+holds all trainable parameters) or, with ``TrainingConfig(sharding="fsdp")``, sharded: each module
+holding trainable parameters (each memory) is sharded across the processes with FSDP2
+(``sharding.py``), the frozen backbone is not. Checkpoints hold full tensors either way, gathered
+from every process; only the main process writes files.
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ import fnmatch
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import is_bf16_available, parse_flag_from_env, set_seed
+from accelerate.utils import DistributedType, is_bf16_available, parse_flag_from_env, set_seed
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -33,6 +38,7 @@ from tqdm.auto import tqdm
 from .config import TrainingConfig, TrainResult
 from .run_folder import LoopState, Progress, RunFolder
 from .optim import clip_grad_norm, has_sparse_gradients, make_optimizer
+from .sharding import ShardedModules, sharded_module_paths
 from .weights import describe_trainable, requires_grad_parameters
 
 EVAL_LOSS = "eval_loss"
@@ -91,6 +97,10 @@ def train(
             reported as ``eval_loss``.
         data_collator: examples -> batch of tensors; ``padding_collator`` by default.
 
+    On several processes the run is data-parallel, or with ``config.sharding="fsdp"`` sharded
+    (see ``TrainingConfig.sharding``); either way every process's ``model`` ends up holding the
+    full best weights, as plain tensors.
+
     ``output_dir/log.jsonl`` gets one JSON object per line: ``step``, ``epoch``, ``time`` (Unix
     seconds) and either ``loss`` and ``lr`` (mean training loss since the previous record, the
     learning rate of the latest update) or ``eval_loss`` and the metrics.
@@ -108,6 +118,13 @@ def train(
         raise ValueError(f"metric_for_best={config.metric_for_best!r} needs a compute_metrics that returns it")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters (requires_grad): nothing to train")
+    if config.sharding == "fsdp":  # refused on one process too, not first on many
+        if any(has_sparse_gradients(p) for p in model.parameters() if p.requires_grad):
+            raise ValueError(
+                "sharding='fsdp' cannot reduce-scatter sparse gradients: build the memory with "
+                "SpartanConfig(sparse_gradients=False), or train with sharding='none'"
+            )
+        sharded_module_paths(model)
     set_seed(config.seed)  # before the Accelerator, the optimizer and the loaders: all that follows draws from it
     run = _TrainingRun(model, train_dataset, eval_dataset, config, compute_metrics, data_collator or padding_collator)
     return run.run()
@@ -153,7 +170,18 @@ class _TrainingRun:
             mixed_precision=_resolve_mixed_precision(config.mixed_precision),
             gradient_accumulation_steps=config.gradient_accumulation_steps,
         )
-        self.parameters = requires_grad_parameters(model)
+        model_description = describe_trainable(model)
+        self.shards: ShardedModules | None = None
+        if config.sharding == "fsdp" and self.accelerator.num_processes > 1:
+            if self.accelerator.distributed_type == DistributedType.FSDP:
+                raise ValueError(
+                    "sharding='fsdp' shards the model itself: launch without Accelerate's FSDP plugin "
+                    "(no --use_fsdp, no fsdp_config), or train with sharding='none' under it"
+                )
+            # Device placement and mixed precision only, no DDP: the shards reduce their own gradients.
+            self.prepared_model = self.accelerator.prepare_model(model, evaluation_mode=True)
+            self.shards = ShardedModules(model, self.accelerator.device, self.accelerator.num_processes)
+        self.parameters = requires_grad_parameters(model)  # the shards' DTensors when sharded
         optimizer = make_optimizer(
             _parameter_groups(self.parameters, config.learning_rate, config.parameter_learning_rates),
             config.learning_rate,
@@ -164,9 +192,12 @@ class _TrainingRun:
         loaders = [_data_loader(train_dataset, config, config.batch_size, collate, self.shuffler)]
         if eval_dataset is not None:
             loaders.append(_data_loader(eval_dataset, config, config.eval_batch_size, collate, None))
-        self.prepared_model, self.optimizer, self.train_loader, *eval_loader = self.accelerator.prepare(
-            model, optimizer, *loaders
-        )
+        if self.shards is None:
+            self.prepared_model, self.optimizer, self.train_loader, *eval_loader = self.accelerator.prepare(
+                model, optimizer, *loaders
+            )
+        else:
+            self.optimizer, self.train_loader, *eval_loader = self.accelerator.prepare(optimizer, *loaders)
         self.eval_loader = eval_loader[0] if eval_loader else None
         self.steps_per_epoch = math.ceil(len(self.train_loader) / config.gradient_accumulation_steps)
         self.total_steps = config.max_steps or config.num_epochs * self.steps_per_epoch
@@ -175,11 +206,12 @@ class _TrainingRun:
         self.state = LoopState(
             config=config,
             num_processes=self.accelerator.num_processes,
+            process_index=self.accelerator.process_index,
             train_size=len(train_dataset),
             parameters=self.parameters,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
-            model_description=describe_trainable(model),
+            model_description=model_description,
         )
         self.progress = Progress()
         self.log_history: list[dict[str, Any]] = []
@@ -218,6 +250,11 @@ class _TrainingRun:
             self.accelerator.free_memory()
             self.model.eval()
         self.accelerator.wait_for_everyone()
+        # Every process: the model's own modules return, with the full weights. (After an exception
+        # they stay out, emptied, and the sharded copies in: gathering needs all processes.)
+        if self.shards is not None:
+            self.shards.restore()
+            self.model.eval()
         best_checkpoint = self.folder.load_best(self.model) if progress.best_step is not None else None
         return TrainResult(
             best_metrics=dict(progress.best_metrics),
@@ -296,8 +333,10 @@ class _TrainingRun:
             metrics = self._evaluate()
             self._track_best(metrics)
             self._log(metrics)
-        if self.accelerator.is_main_process:
-            self.folder.save_last(self.state, self.progress, self.running_loss.item(), self.running_batches)
+        self.folder.save_last(  # every process: sharded tensors are gathered from all
+            self.state, self.progress, self.running_loss.item(), self.running_batches,
+            write=self.accelerator.is_main_process,
+        )
         self.accelerator.wait_for_everyone()
         self.checkpoint_seconds += time.perf_counter() - started
 
@@ -343,12 +382,19 @@ class _TrainingRun:
         if best is None or (value > best if greater else value < best):
             progress.best_value, progress.best_step, progress.best_metrics = value, progress.global_step, metrics
             progress.evaluations_without_improvement = 0
-            if self.accelerator.is_main_process:
-                self.folder.save_best(self.model, progress.global_step, metrics)
+            self._save_best(progress.global_step, metrics)
         else:
             progress.evaluations_without_improvement += 1
             patience = config.early_stopping_patience
             progress.stopped_early = patience is not None and progress.evaluations_without_improvement >= patience
+
+    def _save_best(self, step: int, metrics: dict[str, float]) -> None:
+        """Replace ``best/`` with the model's trainable state (every process takes part in gathering
+        sharded weights; the main process writes)."""
+        main = self.accelerator.is_main_process
+        with nullcontext() if self.shards is None else self.shards.full_weights(keep=main):
+            if main:
+                self.folder.save_best(self.model, step, metrics)
 
     def _log(self, values: dict[str, float]) -> None:
         progress = self.progress

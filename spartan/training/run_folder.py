@@ -5,14 +5,17 @@
 - ``last/``: the state to resume from. ``trainable_weights.safetensors`` (the optimised
   parameters by name), ``training_state.safetensors`` (the optimizer's tensors and the torch and
   CUDA RNG states) and ``training_state.json`` (progress, config, optimizer and scheduler
-  structure, Python and NumPy RNG states, the running loss, the number of processes).
+  structure, Python and NumPy RNG states, the running loss, the number of processes); the RNG
+  states and running loss of each process, which resumes with its own.
 - ``best/``: the best evaluated weights, as ``weights.save_trainable`` writes them, and
   ``best_metrics.json`` (``{"step": ..., "metrics": {...}}``).
 - ``log.jsonl``: one JSON record per line.
 
 Each folder is replaced whole and the log atomically (``spartan._io``), so a crash leaves the
 previous or the new version, never a mix; files hold safetensors and JSON only, nothing is ever
-unpickled. Methods that write are for the main process only.
+unpickled. Methods that write are for the main process only, but for ``save_last``, which every
+process calls: a sharded run's tensors (DTensors) are gathered whole from all processes, so that
+``last/`` holds full tensors, as an unsharded run's does, and ``restore_last`` cuts them again.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from .._io import atomic_write_text, existing_folder, remove_folder, replace_folder
 from .config import TrainingConfig
+from .sharding import gather, shard_like
 from .weights import load_parameters, load_trainable, save_parameters, save_trainable
 
 LAST_NAME = "last"  # output_dir/last: the state to resume from
@@ -72,7 +76,8 @@ class Progress:
 class LoopState:
     """The objects of a running loop that ``last/`` saves; restoring loads into them in place.
 
-    ``parameters`` are the optimised parameters by name, in the order of the optimizer's.
+    ``parameters`` are the optimised parameters by name, in the order of the optimizer's (in a
+    sharded run, DTensors holding this process's slices).
     """
 
     config: TrainingConfig
@@ -82,6 +87,7 @@ class LoopState:
     optimizer: torch.optim.Optimizer
     scheduler: LRScheduler
     model_description: Mapping[str, Any]  # weights.describe_trainable: what shapes the trained state besides its tensors
+    process_index: int = 0  # of this process, among num_processes
 
 
 class Resumed(NamedTuple):
@@ -148,36 +154,56 @@ class RunFolder:
             load_trainable(model, folder)
         return folder
 
-    def save_last(self, state: LoopState, progress: Progress, running_loss: float, running_batches: int) -> None:
-        """Replace ``last/`` with what resuming needs: parameters, optimizer, scheduler, RNG states, progress."""
-        optimizer_tensors, optimizer_structure = _flatten_optimizer_state(state.optimizer.state_dict())
-        rng_tensors, rng_structure = _rng_state()
+    def save_last(
+        self, state: LoopState, progress: Progress, running_loss: float, running_batches: int, write: bool = True
+    ) -> None:
+        """Replace ``last/`` with what resuming needs: parameters, optimizer, scheduler, RNG states, progress.
+
+        Every process calls it (collectives): the sharded parameters and optimizer state are gathered
+        whole, and each process's RNG states and running loss collected, from all processes; only the
+        one with ``write`` (the main one) writes.
+        """
+        parameters = gather(state.parameters, keep=write)
+        optimizer_state = state.optimizer.state_dict()
+        optimizer_state["state"] = {
+            index: gather(optimizer_state["state"][index], keep=write) for index in sorted(optimizer_state["state"])
+        }
+        # Each process draws its own dropout masks and sums its own losses: each resumes with its own.
+        processes = _from_every_process((*_rng_state(), [running_loss, running_batches]), state.num_processes)
+        if not write:
+            return
+        optimizer_tensors, optimizer_structure = _flatten_optimizer_state(optimizer_state)
+        (rng_tensors, rng_structure, running), *others = processes
         description = {
             "progress": dataclasses.asdict(progress),
             "config": state.config.to_dict(),
-            "num_processes": state.num_processes,  # on resume, every process takes these RNG states
-            "running_loss": [running_loss, running_batches],  # since the latest loss record
+            "num_processes": state.num_processes,
+            "running_loss": running,  # of the main process, since the latest loss record
             "train_size": state.train_size,
             "parameter_names": list(state.parameters),
             "model": dict(state.model_description),
             "optimizer": optimizer_structure,
             "scheduler": state.scheduler.state_dict(),
-            "rng": rng_structure,
+            "rng": rng_structure,  # of the main process; its tensors are rng.*
+            # processes 1, 2, ...: their running losses and RNG states (tensors rng1.*, rng2.*, ...)
+            "other_processes": [{"running_loss": running, "rng": structure} for _, structure, running in others],
         }
         tensors = {
             **{f"optimizer.{key}": value for key, value in optimizer_tensors.items()},
             **{f"rng.{key}": value for key, value in rng_tensors.items()},
+            **{f"rng{index}.{key}": value for index, (rng, _, _) in enumerate(others, 1) for key, value in rng.items()},
         }
 
-        def write(folder: Path) -> None:
-            save_parameters(state.parameters, folder)
+        def write_into(folder: Path) -> None:
+            save_parameters(parameters, folder)
             save_file(tensors, folder / STATE_TENSORS_NAME)
             (folder / STATE_NAME).write_text(json.dumps(description, indent=2) + "\n")
 
-        replace_folder(self.root / LAST_NAME, write)
+        replace_folder(self.root / LAST_NAME, write_into)
 
     def restore_last(self, folder: Path, state: LoopState) -> Resumed:
-        """Load ``folder`` (a ``last/``) into the objects of ``state`` and the global RNGs.
+        """Load ``folder`` (a ``last/``) into the objects of ``state`` and the global RNGs; a sharded
+        run's parameters and optimizer state take this process's slices of the saved full tensors.
 
         Raises a ValueError, before changing anything, when the saved run is not this one
         continued: other ``RESUME_FIELDS``, number of processes, training set size or trainable
@@ -187,12 +213,18 @@ class RunFolder:
         _check_resumable(folder, description, state)
         load_parameters(state.parameters, folder)
         tensors = load_file(folder / STATE_TENSORS_NAME)
-        state.optimizer.load_state_dict(
-            _unflatten_optimizer_state(_strip_prefix(tensors, "optimizer."), description["optimizer"], state.optimizer)
+        optimizer_state = _unflatten_optimizer_state(
+            _strip_prefix(tensors, "optimizer."), description["optimizer"], state.optimizer
         )
+        state.optimizer.load_state_dict(_cut_as_parameters(optimizer_state, state.optimizer))
         state.scheduler.load_state_dict(description["scheduler"])
-        _set_rng_state(_strip_prefix(tensors, "rng."), description["rng"])
-        running_loss, running_batches = description["running_loss"]
+        rng_prefix, rng, running = "rng.", description["rng"], description["running_loss"]
+        others = description.get("other_processes", [])  # a folder without: every process takes the main one's
+        if 0 < state.process_index <= len(others):
+            own = others[state.process_index - 1]
+            rng_prefix, rng, running = f"rng{state.process_index}.", own["rng"], own["running_loss"]
+        _set_rng_state(_strip_prefix(tensors, rng_prefix), rng)
+        running_loss, running_batches = running
         return Resumed(Progress(**description["progress"]), running_loss, running_batches)
 
 
@@ -247,6 +279,26 @@ def _unflatten_optimizer_state(
         for saved, current in zip(structure["param_groups"], optimizer.param_groups)
     ]  # JSON turned tuples (betas) into lists
     return {"state": state, "param_groups": groups}
+
+
+def _cut_as_parameters(state_dict: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``state_dict`` with each state tensor shaped like its parameter (AdamW's moments) cut as the
+    parameter is: this process's slice when the parameter is sharded."""
+    parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+    for index, values in state_dict["state"].items():
+        for name, value in values.items():
+            if isinstance(value, Tensor):
+                values[name] = shard_like(value, parameters[index])
+    return state_dict
+
+
+def _from_every_process(value: Any, num_processes: int) -> list[Any]:
+    """``value`` of every process, in process order (a collective when there are several)."""
+    if num_processes == 1:
+        return [value]
+    values: list[Any] = [None] * num_processes
+    torch.distributed.all_gather_object(values, value)
+    return values
 
 
 def _rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -25,6 +25,7 @@ from typing import Any
 from .. import checkpoint
 from .._state import copy_tensors
 from ..inject import active_memory_name, get_config, is_wrapped
+from .sharding import shard_like
 
 WEIGHTS_NAME = "trainable_weights.safetensors"
 
@@ -74,9 +75,11 @@ def save_parameters(parameters: Mapping[str, Tensor], folder: str | os.PathLike)
 
 def load_parameters(parameters: Mapping[str, Tensor], folder: str | os.PathLike) -> None:
     """Copy ``folder/trainable_weights.safetensors`` into ``parameters`` in place; the names and
-    shapes must match exactly."""
+    shapes must match exactly. A sharded parameter (a DTensor) takes its slice of the saved tensor."""
     file = Path(folder) / WEIGHTS_NAME
     if not file.is_file():
         raise FileNotFoundError(f"{file} does not exist: {folder} was not written by spartan.training for this model")
     hint = "were they saved from another model, or with other parameters trainable?"
-    copy_tensors(parameters, load_file(file), file, hint=hint)
+    saved = load_file(file)
+    tensors = {name: shard_like(t, parameters[name]) if name in parameters else t for name, t in saved.items()}
+    copy_tensors(parameters, tensors, file, hint=hint)
