@@ -65,7 +65,7 @@ class SpartanConfig(JsonConfig):
         num_parents: parent cells P per layer; each token keeps the ``top_k`` best of them.
         children_per_parent: child cells C under each parent.
         top_k: parents kept per token (``1 <= top_k <= num_parents``).
-        temperature: divides the child logits before their softmax.
+        temperature: divides the child logits before their softmax (at least 1e-6).
         value_init: ``"zeros"`` (a fresh model equals the base model) or ``"normal"``
             (the paper's random initialisation).
         implementation: ``"dense"`` (exportable), ``"sparse"`` (gathered, for large memories) or

@@ -20,6 +20,7 @@ PARENT_KEYS = ("flat", "product")
 # "auto" reads memories of up to this many child slots (P * C) densely; the dense cost grows with
 # P * C, the sparse one with k * C per token (the crossover is measured in benchmarks/results/memory_layer.md).
 DENSE_MAX_SLOTS = 2048
+MIN_TEMPERATURE = 1e-6  # the smallest child-softmax temperature (logits / temperature stay finite)
 # The sparse read gathers the selected children of this many bytes' worth of tokens at a time
 # (keys, values and, in the backward pass, their gradients), so its activations stay bounded
 # whatever the batch.
@@ -48,7 +49,9 @@ def validate_memory_shape(
             f"parent_keys='product' needs num_parents = n * n (n sub-keys per half), got {num_parents}: "
             f"try {math.isqrt(num_parents) ** 2} or {(math.isqrt(num_parents) + 1) ** 2}"
         )
-    return num_parents, children_per_parent, top_k, check.positive_number("temperature", temperature)
+    # below this, child logits divided by the temperature overflow to inf (and the softmax to NaN)
+    temperature = check.number("temperature", temperature, minimum=MIN_TEMPERATURE)
+    return num_parents, children_per_parent, top_k, temperature
 
 
 def memory_parameter_count(
@@ -99,7 +102,7 @@ class SparseHierarchicalMemory(nn.Module):
         num_parents: P (a square n * n with product keys).
         children_per_parent: C.
         top_k: parents kept per token.
-        temperature: divides the child logits.
+        temperature: divides the child logits (at least ``MIN_TEMPERATURE``, 1e-6).
         value_init: ``"zeros"`` (the read-out starts at exactly zero) or ``"normal"``.
         implementation: ``"dense"``, ``"sparse"`` or ``"auto"`` (dense up to ``DENSE_MAX_SLOTS`` slots).
         parent_keys: ``"flat"`` or ``"product"``.

@@ -238,6 +238,7 @@ def test_auto_picks_implementation_by_size():
         (dict(chunk_tokens=0), "chunk_tokens"),
         (dict(temperature=float("inf")), "temperature"),
         (dict(temperature=True), "temperature"),
+        (dict(temperature=1e-300), "temperature"),  # would divide the child logits into inf, then NaN
         (dict(top_k="many"), "top_k"),
     ],
 )
