@@ -262,6 +262,8 @@ def test_a_folder_with_a_run_but_no_run_json_is_refused(example, capsys, finishe
         (["--task", "rte", "--temperature", "-1"], "--temperature"),
         (["--task", "rte", "--num-parents", "0"], "--num-parents"),
         (["--task", "rte", "--children-per-parent", "0"], "--children-per-parent"),
+        (["--task", "rte", "--method", "full", "--top-k", "4"], "--top-k only applies to --method spartan"),
+        (["--task", "rte", "--method", "head", "--no-train-layer-norms"], "use --method spartan"),
     ],
 )
 def test_bad_arguments_are_clear_errors(example, capsys, options, message):
