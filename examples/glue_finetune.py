@@ -101,8 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         given = [option for option in MEMORY_OPTIONS if getattr(args, option) != parser.get_default(option)]
         if given:
             flags = ", ".join(f"--{option.replace('_', '-')}" for option in given)
-            verb = "applies" if len(given) == 1 else "apply"
-            parser.error(f"{flags} only {verb} to --method spartan (memory settings): drop it or use --method spartan")
+            verb, them = ("applies", "it") if len(given) == 1 else ("apply", "them")
+            parser.error(f"{flags} only {verb} to --method spartan (memory settings): drop {them} or use --method spartan")
     try:
         args.memory = spartan.SpartanConfig(**{option: getattr(args, option) for option in MEMORY_OPTIONS})
     except ValueError as error:  # named by the config's field names: say the flags instead
