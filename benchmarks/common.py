@@ -10,9 +10,11 @@ import copy
 import gc
 import importlib
 import os
+import platform
 import random
 import resource
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -485,3 +487,54 @@ def copy_backbone(backbone: nn.Module, share_weights: bool = False) -> nn.Module
         if share_weights and id(p) not in head
     }
     return copy.deepcopy(backbone, shared)
+
+
+# -- what was measured, and how it is reported ------------------------------------------------------
+
+
+def environment() -> dict:
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "adapters", "peft", "spartan"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    versions["spartan_source"] = spartan_fingerprint()
+    versions["platform"] = platform.platform()
+    versions["processor"] = platform.processor() or platform.machine()
+    return versions
+
+
+def spartan_fingerprint() -> dict:
+    """Which spartan code was measured: the commit, and a hash of the files on the measured path as they were."""
+    import hashlib
+
+    import spartan
+
+    package = Path(spartan.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for file in (package / "memory.py", package / "inject.py"):
+        digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    commit = subprocess.run(["git", "-C", str(package), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "-C", str(package), "status", "--porcelain", "--", "."], capture_output=True, text=True
+    )
+    return {"commit": commit.stdout.strip() or None, "uncommitted_changes": bool(dirty.stdout.strip()),
+            "memory_inject_sha256": digest.hexdigest()[:16]}
+
+
+def fmt_overhead(ratio: float | None) -> str:
+    return "–" if ratio is None else f"{(ratio - 1) * 100:+.1f}%"
+
+
+def ratio_interval(timing: dict) -> tuple[float, float]:
+    """The 95% interval of a timing's ratio; the ratio itself twice for results without one."""
+    return tuple(timing.get("ratio_ci95", (timing["ratio"], timing["ratio"])))
+
+
+def fmt_overhead_interval(timing: dict) -> str:
+    """The median overhead and, when measured, its 95% bootstrap interval: +2.1% (-0.4..+4.0)."""
+    low, high = ((r - 1) * 100 for r in ratio_interval(timing))
+    if low == high:  # the baseline, or a single round
+        return fmt_overhead(timing["ratio"])
+    return f"{fmt_overhead(timing['ratio'])} ({low:+.1f}..{high:+.1f})"

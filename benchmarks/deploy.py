@@ -44,9 +44,8 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py and speed.py, when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, when run as a script
 import common  # noqa: E402
-import speed  # noqa: E402
 
 import spartan  # noqa: E402
 from spartan import _validate  # noqa: E402
@@ -483,7 +482,7 @@ def time_methods(methods: dict[str, Deployed], shapes, vocab: int, input_names: 
                 timings[name][shape_name]["sequences_per_s"] = batch / timing["median_s"]
         print(f"   {shape_title(shape_name, (batch, length))} ({time.perf_counter() - start:.0f} s): " + ", ".join(
             f"{name} {timings[name][shape_name]['median_s'] * 1e3:.1f} ms "
-            f"({speed.fmt_overhead(timings[name][shape_name]['ratio'])})" for name in methods), flush=True)
+            f"({common.fmt_overhead(timings[name][shape_name]['ratio'])})" for name in methods), flush=True)
         del calls
         gc.collect()
     return timings
@@ -681,7 +680,7 @@ def targets(results: dict) -> list[dict]:
 
 
 def environment() -> dict:
-    versions = speed.environment()
+    versions = common.environment()
     for name in ("onnx", "onnxscript", "onnxruntime"):
         versions[name] = getattr(__import__(name), "__version__", None)
     versions["cpu_count"] = os.cpu_count()
@@ -751,7 +750,7 @@ def markdown(results: dict) -> str:
         cells = [m["label"], m["precision"], m["baseline"]]
         for shape_name in shapes:
             t = m["time"][shape_name]
-            cells += [fmt_ms(t["median_s"]), "baseline" if name == m["baseline"] else speed.fmt_overhead_interval(t)]
+            cells += [fmt_ms(t["median_s"]), "baseline" if name == m["baseline"] else common.fmt_overhead_interval(t)]
         cells.append(f"{m['time']['b32x128']['sequences_per_s']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
 
@@ -840,8 +839,8 @@ def plot(results: dict, path: Path) -> None:
     for i, (shape_name, color) in enumerate(zip(shapes, ("tab:orange", "tab:red", "tab:blue"))):
         timings = [methods[n]["time"][shape_name] for n in names]
         values = [(t["ratio"] - 1) * 100 for t in timings]
-        errors = [[(t["ratio"] - speed.ratio_interval(t)[0]) * 100 for t in timings],
-                  [(speed.ratio_interval(t)[1] - t["ratio"]) * 100 for t in timings]]
+        errors = [[(t["ratio"] - common.ratio_interval(t)[0]) * 100 for t in timings],
+                  [(common.ratio_interval(t)[1] - t["ratio"]) * 100 for t in timings]]
         offsets = [j + (len(shapes) - 1 - 2 * i) * height / 2 for j in range(len(names))]
         axis.barh(offsets, values, height, xerr=errors, color=color, capsize=2,
                   label=shape_title(shape_name, shapes[shape_name]))

@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -162,7 +161,7 @@ def run_model(model_name: str, methods: list[common.Method], modes: list[str], a
         for name, timing in measured.items():
             timings.setdefault(name, {})[mode] = timing
         print(f"   {model_name} {MODE_TITLES[mode]}: " + ", ".join(
-            f"{n} {timings[n][mode]['median_s'] * 1e3:.0f} ms ({fmt_overhead(timings[n][mode]['ratio'])})"
+            f"{n} {timings[n][mode]['median_s'] * 1e3:.0f} ms ({common.fmt_overhead(timings[n][mode]['ratio'])})"
             for n in measured), flush=True)
         del steps
         gc.collect()
@@ -189,41 +188,10 @@ def run_model(model_name: str, methods: list[common.Method], modes: list[str], a
         "threads": args.threads,
         "repeats": args.repeats,
         "warmup": args.warmup,
-        "environment": environment(),
+        "environment": common.environment(),
         "methods": {m.name: {**info[m.name], "time": timings.get(m.name, {}), "memory": memory.get(m.name, {})}
                     for m in methods},
     }
-
-
-def environment() -> dict:
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("transformers", "adapters", "peft", "spartan"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            versions[name] = None
-    versions["spartan_source"] = spartan_fingerprint()
-    versions["platform"] = platform.platform()
-    versions["processor"] = platform.processor() or platform.machine()
-    return versions
-
-
-def spartan_fingerprint() -> dict:
-    """Which spartan code was measured: the commit, and a hash of the files on the measured path as they were."""
-    import hashlib
-
-    import spartan
-
-    package = Path(spartan.__file__).resolve().parent
-    digest = hashlib.sha256()
-    for file in (package / "memory.py", package / "inject.py"):
-        digest.update(file.name.encode() + b"\0" + file.read_bytes())
-    commit = subprocess.run(["git", "-C", str(package), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(
-        ["git", "-C", str(package), "status", "--porcelain", "--", "."], capture_output=True, text=True
-    )
-    return {"commit": commit.stdout.strip() or None, "uncommitted_changes": bool(dirty.stdout.strip()),
-            "memory_inject_sha256": digest.hexdigest()[:16]}
 
 
 def run_worker(model_name: str, method: str, mode: str, args) -> dict:
@@ -262,23 +230,6 @@ def worker(args) -> int:
 # -- output ------------------------------------------------------------------------------------------
 
 
-def fmt_overhead(ratio: float | None) -> str:
-    return "–" if ratio is None else f"{(ratio - 1) * 100:+.1f}%"
-
-
-def ratio_interval(timing: dict) -> tuple[float, float]:
-    """The 95% interval of a timing's ratio; the ratio itself twice for results without one."""
-    return tuple(timing.get("ratio_ci95", (timing["ratio"], timing["ratio"])))
-
-
-def fmt_overhead_interval(timing: dict) -> str:
-    """The median overhead and, when measured, its 95% bootstrap interval: +2.1% (-0.4..+4.0)."""
-    low, high = ((r - 1) * 100 for r in ratio_interval(timing))
-    if low == high:  # the baseline, or a single round
-        return fmt_overhead(timing["ratio"])
-    return f"{fmt_overhead(timing['ratio'])} ({low:+.1f}..{high:+.1f})"
-
-
 def fmt_mb(n: int | None) -> str:
     return "–" if n is None else f"{n / 2**20:,.0f}"
 
@@ -310,7 +261,7 @@ def markdown(results: dict) -> str:
         cells = [m["label"]]
         for mode, batch in (("infer_b32", sizes["infer_batch"]), ("infer_b1", None), ("train", None)):
             if mode in t:
-                cells += [f"{t[mode]['median_s'] * 1e3:,.1f}", fmt_overhead_interval(t[mode])]
+                cells += [f"{t[mode]['median_s'] * 1e3:,.1f}", common.fmt_overhead_interval(t[mode])]
                 if batch:
                     cells.append(f"{batch / t[mode]['median_s']:.2f}")
             else:
@@ -374,8 +325,8 @@ def plot(results: dict, path: Path) -> None:
         for i, (mode, color) in enumerate(zip(modes, colors)):
             timings = [methods[n]["time"].get(mode) for n in names]
             values = [(t["ratio"] - 1) * 100 if t else float("nan") for t in timings]
-            errors = [[(t["ratio"] - ratio_interval(t)[0]) * 100 if t else 0 for t in timings],
-                      [(ratio_interval(t)[1] - t["ratio"]) * 100 if t else 0 for t in timings]]
+            errors = [[(t["ratio"] - common.ratio_interval(t)[0]) * 100 if t else 0 for t in timings],
+                      [(common.ratio_interval(t)[1] - t["ratio"]) * 100 if t else 0 for t in timings]]
             offsets = [j + (len(modes) - 1 - 2 * i) * height / 2 for j in range(len(names))]
             axis.barh(offsets, values, height, xerr=errors, color=color, label=MODE_TITLES[mode], capsize=2)
         axis.set_yticks(range(len(names)), [methods[n]["label"] for n in names], fontsize=8)
