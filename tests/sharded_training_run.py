@@ -17,32 +17,12 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from safetensors.torch import save_file
-from toy_data import toy_dataset
+from toy_data import CrashingDataset, Interrupted, toy_dataset
 from torch.distributed.tensor import DTensor
 from transformers import BertConfig, BertForSequenceClassification
 
 import spartan
 from spartan.training import TrainingConfig, padding_collator, train
-
-
-class Interrupted(Exception):
-    pass
-
-
-class CrashingDataset(torch.utils.data.Dataset):
-    """Raises once ``crash_after`` examples have been read (by this process), as a run killed mid-epoch."""
-
-    def __init__(self, examples, crash_after):
-        self.examples, self.crash_after, self.reads = examples, crash_after, 0
-
-    def __len__(self):
-        return len(self.examples)
-
-    def __getitem__(self, index):
-        self.reads += 1
-        if self.reads > self.crash_after:
-            raise Interrupted
-        return self.examples[index]
 
 
 def wrapped_bert():

@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 import spartan
 from spartan.training import TrainingConfig, train
 from spartan.training.optim import LazyAdamW, clip_grad_norm
-from tests.test_training import CrashingDataset, Interrupted, assert_same_tensors
+from tests.test_training import assert_same_tensors
 from tests.tiny_models import tiny
-from tests.toy_data import accuracy, toy_dataset
+from tests.toy_data import CrashingDataset, Interrupted, accuracy, toy_dataset
 
 
 def test_dense_gradients_step_exactly_as_adamw():

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tests.tiny_models import tiny, tiny_bert_without_dropout
-from tests.toy_data import accuracy, toy_dataset
+from tests.toy_data import CrashingDataset, Interrupted, accuracy, toy_dataset
 
 import spartan
 from spartan.training import TrainingConfig, padding_collator, train
@@ -125,26 +125,6 @@ def test_train_seeds_what_it_draws(tmp_path):
     assert_same_tensors(weights[1], weights[0])
     assert logs[2] != logs[0]
     assert any(not torch.equal(weights[2][name], value) for name, value in weights[0].items())
-
-
-class Interrupted(Exception):
-    pass
-
-
-class CrashingDataset(torch.utils.data.Dataset):
-    """Raises once ``crash_after`` examples have been read, as a run killed mid-epoch."""
-
-    def __init__(self, examples, crash_after):
-        self.examples, self.crash_after, self.reads = examples, crash_after, 0
-
-    def __len__(self):
-        return len(self.examples)
-
-    def __getitem__(self, index):
-        self.reads += 1
-        if self.reads > self.crash_after:
-            raise Interrupted
-        return self.examples[index]
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):

@@ -21,3 +21,23 @@ def toy_dataset(size: int, seed: int = 0) -> list[dict]:
 
 def accuracy(predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
     return {"accuracy": float(np.mean(predictions.argmax(-1) == references))}
+
+
+class Interrupted(Exception):
+    pass
+
+
+class CrashingDataset(torch.utils.data.Dataset):
+    """Raises once ``crash_after`` examples have been read (by this process), as a run killed mid-epoch."""
+
+    def __init__(self, examples, crash_after):
+        self.examples, self.crash_after, self.reads = examples, crash_after, 0
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, index):
+        self.reads += 1
+        if self.reads > self.crash_after:
+            raise Interrupted
+        return self.examples[index]
