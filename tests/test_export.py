@@ -92,7 +92,7 @@ def test_the_folder_holds_one_backbone_and_small_task_files(bert_export):
     import onnx
 
     quantized = onnx.load(str(folder / "backbone.int8.onnx"))
-    assert any(init.data_type == onnx.TensorProto.INT8 for init in quantized.graph.initializer)
+    assert any(init.data_type == onnx.TensorProto.UINT8 for init in quantized.graph.initializer)  # 8-bit weights
     task_inputs = {i.name for i in quantized.graph.input} & set(manifest["task_tensors"])
     assert task_inputs == set(manifest["task_tensors"])  # the memory tables stay fp32 inputs
     int8_runtime = OnnxRuntimeModel(folder)  # the default graph of a quantized export is int8
