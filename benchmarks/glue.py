@@ -437,6 +437,7 @@ def run_one(data: Data, spec: RunSpec) -> dict:
         "steps": result.global_step,
         "train_examples": len(train_data),
         "train_seconds": result.train_runtime_s - result.checkpoint_runtime_s,
+        "threads": torch.get_num_threads(),  # train_seconds compare only between runs on as many threads
         "trainable_params": built.trainable_params,
         # every evaluation (at each epoch's end): the main metric by epoch, e.g. whether CoLA learns in epoch 1
         "evaluations": [
