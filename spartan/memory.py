@@ -17,9 +17,11 @@ IMPLEMENTATIONS = ("auto", "dense", "sparse")
 VALUE_INITS = ("zeros", "normal")
 PARENT_KEYS = ("flat", "product")
 
-# "auto" reads memories of up to this many child slots (P * C) densely; the dense cost grows with
-# P * C, the sparse one with k * C per token (the crossover is measured in benchmarks/results/memory_layer.md).
-DENSE_MAX_SLOTS = 2048
+# "auto" reads memories of up to this many child slots (P * C) densely. On CPU the dense read was the
+# faster one at every size measured up to here, forward and backward (benchmarks/results/memory_layer_auto.md);
+# its activations grow with tokens * P * C ([tokens, P * C] tensors), the sparse read's with tokens * k * C,
+# so beyond this size, or for very long batches, the sparse read is the one that fits.
+DENSE_MAX_SLOTS = 16384
 MIN_TEMPERATURE = 1e-6  # the smallest child-softmax temperature (logits / temperature stay finite)
 # The sparse read gathers the selected children of this many bytes' worth of tokens at a time
 # (keys, values and, in the backward pass, their gradients), so its activations stay bounded

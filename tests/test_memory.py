@@ -223,7 +223,8 @@ def test_routing_is_recorded_with_input_shape():
 
 def test_auto_picks_implementation_by_size():
     assert SparseHierarchicalMemory(8, 16, 3, 8).implementation == "dense"
-    assert SparseHierarchicalMemory(8, 256, 256, 8).implementation == "sparse"
+    assert SparseHierarchicalMemory(8, 256, 64, 8).implementation == "dense"  # 16,384 slots: DENSE_MAX_SLOTS
+    assert SparseHierarchicalMemory(8, 256, 65, 8).implementation == "sparse"
 
 
 @pytest.mark.parametrize(
