@@ -57,7 +57,7 @@ DEFAULT_OPSET = 18
 MIN_ONNXRUNTIME = (1, 21)  # LayerNormalization broadcasting its scale and bias per row
 QUANTIZED_OPS = ("MatMul", "Gemm", "Gather")
 
-__all__ = ["OnnxRuntimeModel", "export_onnx"]
+__all__ = ["OnnxRuntimeModel", "export_onnx", "quantize_int8"]
 
 
 def export_onnx(
@@ -472,8 +472,7 @@ def quantize_int8(source: str | os.PathLike, target: str | os.PathLike) -> Path:
     """Write ``target``, the ONNX graph ``source`` with its weights dynamically quantized to 8 bits, as
     ``export_onnx(quantize="int8")`` does: the ``QUANTIZED_OPS`` weights (matrix products, the embedding
     tables) as asymmetric uint8 with one scale per tensor, activations quantized at run time.
-    Asymmetric uint8 weights kept the dev-set accuracy of trained memories closer to fp32's than
-    symmetric int8 ones (benchmarks/results/deploy_minilm.md). Returns ``target``."""
+    Why these settings: benchmarks/results/deploy_int8_variants.md. Returns ``target``."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(str(source), str(target), weight_type=QuantType.QUInt8, op_types_to_quantize=list(QUANTIZED_OPS))
