@@ -15,6 +15,7 @@ layer in interleaved rounds (medians; per-round ratios with 95% bootstrap interv
   ``results/memory_layer.md``: the paper's 16 x 3 at 48 slots, else P near sqrt(top_k * slots));
 - ``product``, ``product_dense_grads``: product parent keys (P = n * n), the sparse implementation, with
   sparse gradients and with dense ones (one memory, its ``sparse_gradients`` switched per call);
+- ``product_dense``: product parent keys read by the dense implementation (every child scored);
 - ``pkm``: ``product_key_memory.PKM`` 0.3.0 (its defaults: 4 heads, top-32 each, so 128 values per token,
   as many as spartan's top-8 x 16 children), when the package is installed;
 - ``step_adamw``, ``step_lazyadamw``: forward, backward and an optimizer step of a product-key memory,
@@ -22,7 +23,7 @@ layer in interleaved rounds (medians; per-round ratios with 95% bootstrap interv
 
 The arithmetic floor of a variant is one plain ``torch.mm`` with the multiply-adds its read needs per
 token: ``[tokens, H] @ [H, M]``, M = multiply-adds per token / H (dense: P + 2 P C; sparse: P + 2 k C;
-product keys: n + 2 k C; pkm: its query projection, sub-key scores and k values per head).
+product keys: n + 2 k C, read densely n + 2 P C; pkm: its query projection, sub-key scores and k values per head).
 
 Every job runs in a fresh worker process started with ``MALLOC_MMAP_THRESHOLD_`` set, so that freed
 tensors go back to the system and each call's peak shows in the resident set (Linux: VmHWM reset
@@ -67,13 +68,13 @@ HEAVY_SLOTS = 65536  # rows above this many slots run --heavy-rounds rounds
 LIGHT_JOB_BYTES = 2**30  # jobs estimated under this share one worker
 HEADROOM_BYTES = 2 * 2**30  # --memory-gib defaults to the machine's RAM less this
 ALLOWANCE_BYTES = 512 * 2**20  # the BERT layer, its activations, the interpreter
-CHUNK_BYTES = 256 * 2**20  # the sparse read's gathered chunks in a backward pass, with room
 CHOICES = {"dense": ("dense",), "sparse": ("sparse",), "product": ("product", "product_dense_grads"),
-           "pkm": ("pkm",), "train": ("step_adamw", "step_lazyadamw")}
-JOB_GROUPS = {"flat": ("dense", "sparse"), "product": ("product", "product_dense_grads", "pkm"),
+           "product_dense": ("product_dense",), "pkm": ("pkm",), "train": ("step_adamw", "step_lazyadamw")}
+JOB_GROUPS = {"flat": ("dense", "sparse"), "product": ("product", "product_dense_grads", "product_dense", "pkm"),
               "train": ("step_adamw", "step_lazyadamw")}
 LABELS = {"dense": "spartan dense", "sparse": "spartan sparse", "product": "spartan product keys, sparse grads",
-          "product_dense_grads": "spartan product keys, dense grads", "pkm": "product-key-memory 0.3.0",
+          "product_dense_grads": "spartan product keys, dense grads",
+          "product_dense": "spartan product keys, dense read", "pkm": "product-key-memory 0.3.0",
           "step_adamw": "product keys, dense grads, AdamW", "step_lazyadamw": "product keys, sparse grads, LazyAdamW"}
 WORKER_FLAG = "--worker"
 
@@ -109,14 +110,13 @@ def variant_spec(name: str, slots: int, settings: dict) -> dict:
         parents, children = flat_shape(slots, top_k)
         return {"name": name, "kind": "spartan", "slots": slots, "parents": parents, "children": children,
                 "top_k": top_k, "parent_keys": "flat", "implementation": name, "sparse_gradients": False,
-                "chunk_tokens": settings["chunk_tokens"],
                 "module": name, "shape": f"{parents:,} x {children}"}
     parents, children = product_shape(slots)
     sparse_gradients = name in ("product", "step_lazyadamw")
+    implementation = "dense" if name == "product_dense" else "sparse"
     spec = {"name": name, "kind": "spartan", "slots": slots, "parents": parents, "children": children, "top_k": top_k,
-            "parent_keys": "product", "implementation": "sparse", "sparse_gradients": sparse_gradients,
-            "chunk_tokens": settings["chunk_tokens"],
-            "module": "product" if name.startswith("product") else name,
+            "parent_keys": "product", "implementation": implementation, "sparse_gradients": sparse_gradients,
+            "module": "product" if name in ("product", "product_dense_grads") else name,
             "shape": f"{math.isqrt(parents)}^2 x {children}"}
     if name.startswith("step_"):
         spec["optimizer"] = "AdamW" if name == "step_adamw" else "LazyAdamW"
@@ -137,9 +137,9 @@ def macs_per_token(spec: dict, hidden: int) -> int:
         heads, dim_head = spec["heads"], spec["dim_head"]
         return hidden * 2 * heads * dim_head + heads * 2 * spec["num_keys"] * dim_head + heads * spec["topk"] * hidden
     P, C, k = spec["parents"], spec["children"], spec["top_k"]
-    if spec["implementation"] == "dense":
-        return (P + 2 * P * C) * hidden
     parent_scores = P * hidden if spec["parent_keys"] == "flat" else math.isqrt(P) * hidden  # two halves of H/2
+    if spec["implementation"] == "dense":
+        return parent_scores + 2 * P * C * hidden
     return parent_scores + 2 * k * C * hidden
 
 
@@ -156,19 +156,18 @@ def memory_estimate(spec: dict, settings: dict) -> tuple[int, int]:
     floor = 4 * (hidden + tokens) * floor_width(spec, hidden)
     if spec["kind"] == "pkm":  # dense gradients; the sub-key scores, their top-k and gradients
         scores = 4 * 4 * tokens * spec["heads"] * 2 * spec["num_keys"]
-        return params + floor, params + 2 * scores + CHUNK_BYTES
-    rows = 4 * tokens * spec["top_k"] * spec["children"] * hidden  # one table's gradient rows, before coalescing
-    chunk = CHUNK_BYTES if not spec["chunk_tokens"] else 2 * 4 * spec["chunk_tokens"] * rows // tokens
+        return params + floor, params + 2 * scores + 4 * tokens * hidden * PKM["topk"]
+    rows = 4 * min(tokens * spec["top_k"], spec["parents"]) * spec["children"] * hidden  # one table's rows read
     if spec["implementation"] == "dense":
         transient = params + 4 * 5 * tokens * spec["slots"]  # logits, child and slot weights, their gradients
     elif spec["sparse_gradients"]:
-        transient = 4 * rows + chunk  # the rows of both tables, concatenated and coalesced
+        transient = 4 * rows  # both tables' gradient rows, each with the sparse product's temporary
     else:
-        transient = params + chunk
+        transient = params + 2 * rows  # the gradients, and one table's rows read before they are placed
     if spec.get("optimizer") == "AdamW":  # two moments; a step's temporary of the largest table
         return params + 2 * params, transient + 4 * spec["slots"] * hidden
-    if spec.get("optimizer") == "LazyAdamW":  # two moments; the coalesced gradients and the rows' temporaries
-        return params + 2 * params, 7 * rows + chunk
+    if spec.get("optimizer") == "LazyAdamW":  # two moments; the gradients and the rows' temporaries
+        return params + 2 * params, 7 * rows
     return params + floor, transient
 
 
@@ -220,7 +219,7 @@ def plan(args: argparse.Namespace, settings: dict, pkm_available: bool) -> tuple
                                             "(.venv-bench/bin/pip install --no-deps product-key-memory==0.3.0)"))
                     continue
                 dense_bytes = 4 * tokens * slots * 5
-                if name == "dense" and dense_bytes > args.dense_limit_gib * 2**30:
+                if spec["implementation"] == "dense" and dense_bytes > args.dense_limit_gib * 2**30:
                     decided.append(row_stub(spec, settings, "skipped", f"needs ~{dense_bytes / 2**30:.0f} GiB of "
                                             f"activations (over --dense-limit-gib {args.dense_limit_gib:g})"))
                     continue
@@ -328,7 +327,7 @@ def build_module(spec: dict, hidden: int):
     return SparseHierarchicalMemory(
         hidden, spec["parents"], spec["children"], spec["top_k"], TEMPERATURE, value_init="normal",
         implementation=spec["implementation"], parent_keys=spec["parent_keys"],
-        sparse_gradients=spec["sparse_gradients"], chunk_tokens=spec.get("chunk_tokens"),
+        sparse_gradients=spec["sparse_gradients"],
     )
 
 
@@ -623,8 +622,7 @@ def markdown(results: dict) -> str:
         f"product-key-memory {meta['product_key_memory'] or 'not installed'}.",
         "",
         f"{settings['batch']} x {settings['length']} tokens at H={settings['hidden']}, top-k {settings['top_k']}, "
-        f"{settings['threads']} threads, fp32; spartan's sparse reads gather "
-        f"{settings['chunk_tokens'] or 'the library-chosen number of'} tokens at a time. Each job (one slot count; "
+        f"{settings['threads']} threads, fp32. Each job (one slot count; "
         "flat, product-key or training variants) runs in a fresh process and times its variants, their "
         f"arithmetic floors and one BERT layer in interleaved rounds ({settings['rounds']} rounds, "
         f"{settings['heavy_rounds']} above {HEAVY_SLOTS:,} slots, "
@@ -744,8 +742,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heavy-rounds", type=positive, help=f"timed rounds above {HEAVY_SLOTS:,} slots (default 3)")
     parser.add_argument("--quick", action="store_true", help="smoke run: H=64, 2 x 16 tokens, small memories, 2 rounds")
     parser.add_argument("--top-k", type=positive, default=8)
-    parser.add_argument("--chunk-tokens", type=positive, help="tokens spartan's sparse read gathers at a time "
-                        "(default: the library's choice, from spartan.memory.SPARSE_CHUNK_BYTES)")
     parser.add_argument("--threads", type=positive, default=2)
     parser.add_argument("--dense-limit-gib", type=float, default=4.0, help="skip dense reads needing more activations")
     parser.add_argument("--memory-gib", type=float, default=((ram or 24 * 2**30) - HEADROOM_BYTES) / 2**30,
@@ -765,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_slots < min(slots):
         parser.error(f"--max-slots {args.max_slots} is below the smallest memory ({min(slots)} slots)")
     settings = {
-        "quick": args.quick, "chunk_tokens": args.chunk_tokens, "hidden": quick.get("hidden", 768),
+        "quick": args.quick, "hidden": quick.get("hidden", 768),
         "batch": quick.get("batch", 32), "length": quick.get("length", 128), "top_k": args.top_k,
         "threads": args.threads, "slots": list(slots),
         "pkm_slots": list(quick.get("pkm_slots", PKM_SLOTS)),

@@ -6,6 +6,7 @@ Depends on torch only.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import torch
@@ -23,10 +24,6 @@ PARENT_KEYS = ("flat", "product")
 # so beyond this size, or for very long batches, the sparse read is the one that fits.
 DENSE_MAX_SLOTS = 16384
 MIN_TEMPERATURE = 1e-6  # the smallest child-softmax temperature (logits / temperature stay finite)
-# The sparse read gathers the selected children of this many bytes' worth of tokens at a time
-# (keys, values and, in the backward pass, their gradients), so its activations stay bounded
-# whatever the batch.
-SPARSE_CHUNK_BYTES = 128 * 2**20
 
 
 class Routing(NamedTuple):
@@ -93,11 +90,11 @@ class SparseHierarchicalMemory(nn.Module):
 
     Two implementations give the same results: ``"dense"`` scores all ``P + P*C`` keys with one
     matrix product and mixes the values with another (fastest for small memories; traceable and
-    exportable with dynamic shapes); ``"sparse"`` gathers each token's ``top_k * C`` selected
-    children, a bounded number of tokens at a time, and computes its own backward pass into one
-    gradient buffer (or, with ``sparse_gradients``, sparse gradients of the rows read), so work
-    and activation memory per token grow with ``top_k * C`` rather than ``P * C`` (eager only:
-    tracing or exporting it is refused).
+    exportable with dynamic shapes); ``"sparse"`` reads each token's ``top_k * C`` selected
+    children in place, through products with sparse matrices (``sparse_read``), with its own
+    backward pass into one gradient (or, with ``sparse_gradients``, sparse gradients of the rows
+    read), so work and activation memory per token grow with ``top_k * C`` rather than ``P * C``
+    (eager only: tracing or exporting it is refused).
 
     Args:
         hidden_size: H, the size of the hidden states read and returned.
@@ -111,8 +108,6 @@ class SparseHierarchicalMemory(nn.Module):
         sparse_gradients: the sparse read gives ``keys`` and ``values`` sparse gradients holding
             only the rows read (step them with ``torch.optim.SparseAdam``); needs product keys
             and the sparse implementation.
-        chunk_tokens: tokens the sparse read gathers at a time; ``None`` picks it from
-            ``SPARSE_CHUNK_BYTES`` and the memory's shape.
 
     Shape:
         - Input: ``hidden_states`` ``[..., H]``; optional ``residual`` of the same shape.
@@ -147,7 +142,6 @@ class SparseHierarchicalMemory(nn.Module):
         implementation: str = "auto",
         parent_keys: str = "flat",
         sparse_gradients: bool = False,
-        chunk_tokens: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -161,7 +155,6 @@ class SparseHierarchicalMemory(nn.Module):
         self.parent_key_kind = parent_keys
         if parent_keys == "product" and hidden_size % 2:
             raise ValueError(f"parent_keys='product' splits the hidden state in halves: hidden_size must be even, got {hidden_size}")
-        self.chunk_tokens = check.optional_positive_int("chunk_tokens", chunk_tokens)
         self.hidden_size = hidden_size
         self.num_parents = num_parents
         self.children_per_parent = children_per_parent
@@ -306,7 +299,7 @@ class SparseHierarchicalMemory(nn.Module):
             residual, parent_logits=parent_logits,
         )
 
-    @torch.compiler.disable  # data-dependent gathers in chunks: run eagerly inside compiled graphs
+    @torch.compiler.disable  # data-dependent sparse patterns: run eagerly inside compiled graphs
     def _read_sparse(self, tokens: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         P = self.num_parents
         if self.sub_keys is None:
@@ -316,12 +309,9 @@ class SparseHierarchicalMemory(nn.Module):
             top_indices, top_logits = product_top_k(tokens, self.sub_keys, self.top_k)
             parent_weights = _upcast(top_logits).softmax(dim=-1).to(top_logits.dtype)
             child_keys = self.keys
-        chunk = self.chunk_tokens or sparse_chunk_tokens(
-            self.top_k, self.children_per_parent, self.hidden_size, self.values.element_size()
-        )
-        read = gather_read(
+        read = sparse_read(
             tokens, top_indices, parent_weights, child_keys, self.values, P, self.children_per_parent,
-            self.temperature, chunk, self.sparse_gradients and self.sub_keys is not None,
+            self.temperature, self.sparse_gradients and self.sub_keys is not None,
         )
         out = read.to(tokens.dtype) if residual is None else residual + read.to(residual.dtype)
         return out, top_indices, parent_weights
@@ -357,14 +347,7 @@ def _half_scores(tokens: Tensor, sub_keys: Tensor) -> tuple[Tensor, Tensor]:
     return tokens[..., :half] @ sub_keys[..., 0, :, :].transpose(-1, -2), tokens[..., half:] @ sub_keys[..., 1, :, :].transpose(-1, -2)
 
 
-def sparse_chunk_tokens(top_k: int, children_per_parent: int, hidden_size: int, element_size: int = 4) -> int:
-    """Tokens the sparse read gathers at a time: four ``[tokens, top_k * C, H]`` buffers (keys,
-    values and their gradients) within ``SPARSE_CHUNK_BYTES``."""
-    per_token = 4 * top_k * children_per_parent * hidden_size * element_size
-    return max(1, SPARSE_CHUNK_BYTES // per_token)
-
-
-def gather_read(
+def sparse_read(
     tokens: Tensor,
     top_indices: Tensor,
     parent_weights: Tensor,
@@ -373,11 +356,17 @@ def gather_read(
     num_parents: int,
     children_per_parent: int,
     temperature: float,
-    chunk_tokens: int,
     sparse_gradients: bool = False,
 ) -> Tensor:
-    """The children read of the selected parents, gathered per token, ``chunk_tokens`` at a time,
-    with its own backward pass (recomputed per chunk: activations stay bounded).
+    """The children read of the selected parents as products with sparse matrices, with its own
+    backward pass: no Python loop over parents or tokens, and no copies of the rows read.
+
+    Each token's ``k * C`` selected children form one row of a sparse CSR pattern ``[N, C * P]``.
+    The child logits are ``tokens @ child_keys.T`` sampled at that pattern (only its entries are
+    computed, each reading its key row in place); the read-out is the pattern's mixing weights
+    times ``values``. The backward pass takes the same two products, and the transposed pattern
+    over the distinct rows read for the tables' gradients. Beyond the ``[N, H]`` inputs and outputs
+    the read keeps ``N * k * C`` scalars; the tables' gradients hold the rows read.
 
     Args:
         tokens: ``[N, H]``.
@@ -390,91 +379,109 @@ def gather_read(
     """
     if len(tokens) == 0:
         return tokens.new_zeros(tokens.shape) + 0 * parent_weights.sum()
-    return _GatherRead.apply(
+    return _SparseRead.apply(
         tokens, top_indices, parent_weights, child_keys, values, num_parents, children_per_parent, temperature,
-        chunk_tokens, sparse_gradients,
+        sparse_gradients,
     )
 
 
-class _GatherRead(torch.autograd.Function):
+# The dtypes of torch's sparse CSR products on CPU; tables of other dtypes are read through a
+# float32 copy of the rows read.
+_CSR_DTYPES = (torch.float32, torch.float64)
+
+
+class _SparseRead(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tokens, top_indices, parent_weights, child_keys, values, P, C, temperature, chunk, sparse):
-        out = torch.empty(tokens.shape, dtype=values.dtype, device=tokens.device)
-        with torch.no_grad():
-            for start in range(0, len(tokens), chunk):
-                part = slice(start, start + chunk)
-                out[part] = _gather_chunk(
-                    tokens[part], top_indices[part], parent_weights[part], child_keys, values, P, C, temperature
-                )[0]
-        ctx.save_for_backward(tokens, top_indices, parent_weights, child_keys, values)
-        ctx.settings = (P, C, temperature, chunk, sparse)
-        return out
+    def forward(ctx, tokens, top_indices, parent_weights, child_keys, values, P, C, temperature, sparse):
+        n, k = top_indices.shape
+        rows = _child_rows(top_indices, P, C).flatten()  # [n*k*C], token by token
+        if child_keys.dtype in _CSR_DTYPES and values.dtype == child_keys.dtype:
+            keys, vals, columns, read = child_keys, values, rows, None
+        else:  # a compact float32 table of the distinct rows read; columns index it
+            read, columns = torch.unique(rows, return_inverse=True)
+            keys, vals = child_keys[read].float(), values[read].float()
+        pattern = _row_pointers(n, k * C, rows.device)
+        h = tokens.to(keys.dtype)
+        logits = _sampled_products(pattern, columns, h, keys).view(n, k, C)
+        child_weights = (logits / temperature).softmax(dim=-1)  # within each parent
+        mix = child_weights * parent_weights.to(keys.dtype).unsqueeze(-1)  # [n, k, C]
+        out = _sparse_times(pattern, columns, mix, vals)
+        ctx.save_for_backward(tokens, parent_weights, columns, read, keys, vals, child_weights, mix)
+        ctx.settings = (temperature, sparse, _layout(child_keys), _layout(values))
+        return out.to(values.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        tokens, top_indices, parent_weights, child_keys, values = ctx.saved_tensors
-        P, C, temperature, chunk, sparse = ctx.settings
+        tokens, parent_weights, columns, read, keys, vals, child_weights, mix = ctx.saved_tensors
+        temperature, sparse, keys_layout, values_layout = ctx.settings
         needs_tokens, _, needs_weights, needs_keys, needs_values = ctx.needs_input_grad[:5]
-        grad_tokens = torch.zeros_like(tokens) if needs_tokens else None
-        grad_weights = torch.zeros_like(parent_weights) if needs_weights else None
-        if sparse:  # one [U, H] buffer per table over the U distinct rows read, filled chunk by chunk
-            read = _child_rows(top_indices, P, C).flatten()
-            unique_rows, slots = torch.unique(read, return_inverse=True)
-            slots = slots.view(len(tokens), -1)
-            targets = (len(unique_rows), values.shape[-1])
-            grad_keys = values.new_zeros(targets) if needs_keys else None
-            grad_values = values.new_zeros(targets) if needs_values else None
-        else:
-            grad_keys = torch.zeros_like(child_keys) if needs_keys else None
-            grad_values = torch.zeros_like(values) if needs_values else None
-        for start in range(0, len(tokens), chunk):
-            part = slice(start, start + chunk)
-            h, g, w = tokens[part].to(values.dtype), grad_out[part].to(values.dtype), parent_weights[part]
-            _, rows, keys, vals, child_weights, mix = _gather_chunk(
-                h, top_indices[part], w, child_keys, values, P, C, temperature
-            )
-            n, kc = rows.shape
-            targets = slots[part].flatten() if sparse else rows.flatten()
-            grad_mix = torch.bmm(vals, g.unsqueeze(-1)).view(n, -1, C).float()  # g . value, [n, k, C]
-            if needs_weights:
-                grad_weights[part] = (child_weights * grad_mix).sum(-1).to(grad_weights.dtype)
-            grad_child = grad_mix * w.unsqueeze(-1).float()  # d out / d child weight
-            grad_logits = child_weights * (grad_child - (child_weights * grad_child).sum(-1, keepdim=True))
-            grad_logits = (grad_logits / temperature).view(n, kc).to(values.dtype)  # softmax backward
-            if needs_tokens:
-                grad_tokens[part] = torch.bmm(grad_logits.unsqueeze(1), keys).squeeze(1).to(tokens.dtype)
-            if needs_values:
-                grad_values.index_add_(0, targets, (mix.view(n, kc, 1).to(values.dtype) * g.unsqueeze(1)).flatten(0, 1))
-            if needs_keys:
-                grad_keys.index_add_(0, targets, (grad_logits.unsqueeze(-1) * h.unsqueeze(1)).flatten(0, 1))
-        if sparse:
-            indices = unique_rows.unsqueeze(0)
-            grad_keys = None if grad_keys is None else _sparse_rows(indices, grad_keys, child_keys.shape)
-            grad_values = None if grad_values is None else _sparse_rows(indices, grad_values, values.shape)
-        return grad_tokens, None, grad_weights, grad_keys, grad_values, None, None, None, None, None
+        n, k, C = mix.shape
+        pattern = _row_pointers(n, k * C, columns.device)
+        g = grad_out.to(keys.dtype)
+        grad_mix = _sampled_products(pattern, columns, g, vals).view(n, k, C)  # g . value
+        grad_weights = (child_weights * grad_mix).sum(-1).to(parent_weights.dtype) if needs_weights else None
+        grad_child = grad_mix * parent_weights.to(keys.dtype).unsqueeze(-1)  # d out / d child weight
+        grad_logits = child_weights * (grad_child - (child_weights * grad_child).sum(-1, keepdim=True)) / temperature
+        grad_tokens = _sparse_times(pattern, columns, grad_logits, keys).to(tokens.dtype) if needs_tokens else None
+        if not (needs_keys or needs_values):
+            return grad_tokens, None, grad_weights, None, None, None, None, None, None
+        # the tables' gradients: the pattern over the distinct rows read, transposed: [U, n] @ [n, H]
+        inverse = columns
+        if read is None:
+            read, inverse = torch.unique(columns, return_inverse=True)
+
+        def table_gradient(entries: Tensor, right: Tensor, layout: dict) -> Tensor:
+            grad_rows = _sparse_times(pattern, inverse, entries, right, width=len(read), transpose=True)
+            grad_rows = grad_rows.to(layout["dtype"])
+            if sparse:
+                return torch.sparse_coo_tensor(
+                    read.unsqueeze(0), grad_rows, **layout, is_coalesced=True, check_invariants=False
+                )
+            return grad_rows.new_zeros(layout["size"]).index_copy_(0, read, grad_rows)
+
+        grad_keys = table_gradient(grad_logits, tokens.to(keys.dtype), keys_layout) if needs_keys else None
+        grad_values = table_gradient(mix, g, values_layout) if needs_values else None
+        return grad_tokens, None, grad_weights, grad_keys, grad_values, None, None, None, None
 
 
-def _sparse_rows(indices: Tensor, rows: Tensor, shape: torch.Size) -> Tensor:
-    """A coalesced sparse COO gradient holding ``rows`` at the (sorted, distinct) ``indices``."""
-    return torch.sparse_coo_tensor(indices, rows, shape, is_coalesced=True, check_invariants=False)
+def _layout(table: Tensor) -> dict:
+    return {"size": table.shape, "dtype": table.dtype, "device": table.device}
+
+
+def _row_pointers(rows: int, per_row: int, device: torch.device) -> Tensor:
+    """CSR row pointers of a pattern with ``per_row`` entries in each of ``rows`` rows."""
+    return torch.arange(0, rows * per_row + 1, per_row, device=device)
+
+
+def _csr(row_pointers: Tensor, columns: Tensor, entries: Tensor, shape: tuple[int, int]) -> Tensor:
+    with warnings.catch_warnings():  # torch flags its sparse CSR layout as beta, once per process
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(row_pointers, columns, entries, shape, check_invariants=False)
+
+
+def _sampled_products(row_pointers: Tensor, columns: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """``(left @ right.T)`` at the pattern's entries only: ``[n, H]``, ``[M, H]`` -> ``[nnz]``."""
+    pattern = _csr(row_pointers, columns, left.new_zeros(len(columns)), (len(left), len(right)))
+    with torch.autocast(left.device.type, enabled=False):  # no low-precision sparse kernels on CPU
+        return torch.sparse.sampled_addmm(pattern, left, right.T, beta=0.0).values()
+
+
+def _sparse_times(
+    row_pointers: Tensor, columns: Tensor, entries: Tensor, right: Tensor, *, width: int | None = None,
+    transpose: bool = False,
+) -> Tensor:
+    """The sparse matrix ``S`` ``[rows, M]`` of ``entries`` at the pattern times ``right``:
+    ``S @ right`` (``right`` ``[M, H]``), or with ``transpose`` ``S.T @ right`` (``right``
+    ``[rows, H]``, ``M = width``)."""
+    rows = len(row_pointers) - 1
+    matrix = _csr(row_pointers, columns, entries.flatten(), (rows, width or len(right)))
+    with torch.autocast(right.device.type, enabled=False):
+        return matrix.t() @ right if transpose else matrix @ right
 
 
 def _child_rows(top_indices: Tensor, P: int, C: int) -> Tensor:
     """The rows ``[n, k*C]`` of each token's selected parents' children (child-major: ``c*P + p``)."""
     return (top_indices.unsqueeze(-1) + P * torch.arange(C, device=top_indices.device)).flatten(1)
-
-
-def _gather_chunk(tokens, top_indices, parent_weights, child_keys, values, P, C, temperature):
-    """One chunk of ``gather_read``: the read-out ``[n, H]`` and what the backward pass reuses."""
-    n, k = top_indices.shape
-    rows = _child_rows(top_indices, P, C)  # [n, k*C]
-    keys = child_keys.index_select(0, rows.flatten()).view(n, k * C, -1)
-    vals = values.index_select(0, rows.flatten()).view(n, k * C, -1)
-    logits = torch.bmm(keys, tokens.to(keys.dtype).unsqueeze(-1)).squeeze(-1)  # [n, k*C]
-    child_weights = (_upcast(logits).view(n, k, C) / temperature).softmax(dim=-1)  # within each parent
-    mix = child_weights * _upcast(parent_weights).unsqueeze(-1)  # [n, k, C]
-    out = torch.bmm(mix.view(n, 1, k * C).to(vals.dtype), vals).squeeze(1)
-    return out, rows, keys, vals, child_weights, mix
 
 
 def dense_read(

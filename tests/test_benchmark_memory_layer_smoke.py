@@ -125,7 +125,7 @@ def test_metadata_tables_and_targets(quick_run):
 
 
 def test_a_job_over_the_memory_budget_is_reported_with_what_it_needs(bench):
-    settings = {"quick": True, "chunk_tokens": None, "hidden": 64, "batch": 2, "length": 16, "top_k": 8,
+    settings = {"quick": True, "hidden": 64, "batch": 2, "length": 16, "top_k": 8,
                 "threads": 1, "slots": [4096], "pkm_slots": [], "train_slots": [4096], "rounds": 2, "heavy_rounds": 2}
     args = argparse.Namespace(only=["train"], max_slots=4096, memory_gib=0.001, dense_limit_gib=4.0)
     jobs, decided = bench.plan(args, settings, pkm_available=False)

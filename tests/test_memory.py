@@ -28,12 +28,10 @@ def make_pair(hidden=24, parents=10, children=4, top_k=3, temperature=1.6, seed=
     return dense, sparse
 
 
-@pytest.mark.parametrize("implementation", ["dense", "sparse", "sparse in chunks"])
+@pytest.mark.parametrize("implementation", ["dense", "sparse"])
 def test_forward_and_gradients_match_reference(implementation):
     dense, sparse = make_pair()
     memory = dense if implementation == "dense" else sparse
-    if implementation == "sparse in chunks":
-        memory.chunk_tokens = 4  # 21 tokens: five full chunks and a short one
     hidden = torch.randn(3, 7, 24, dtype=torch.float64, requires_grad=True)
     out = memory(hidden)
     expected = reference_read(memory, hidden.view(-1, 24)).view_as(hidden)
@@ -84,12 +82,10 @@ def test_unselected_children_get_zero_gradient_from_a_non_finite_upstream(implem
             assert torch.equal(child_value_grads[parent], torch.zeros_like(child_value_grads[parent]))
 
 
-@pytest.mark.parametrize("implementation", ["dense", "sparse", "sparse in chunks"])
+@pytest.mark.parametrize("implementation", ["dense", "sparse"])
 def test_residual_is_added_to_the_read_out(implementation):
     dense, sparse = make_pair()
     memory = dense if implementation == "dense" else sparse
-    if implementation == "sparse in chunks":
-        memory.chunk_tokens = 4
     hidden = torch.randn(3, 7, 24, dtype=torch.float64, requires_grad=True)
     residual = torch.randn_like(hidden)
     torch.testing.assert_close(memory(hidden, residual=residual), residual + memory(hidden))
@@ -221,10 +217,12 @@ def test_routing_is_recorded_with_input_shape():
     torch.testing.assert_close(memory.last_routing.weights.sum(-1), torch.ones(2, 5))
 
 
-def test_auto_picks_implementation_by_size():
+def test_auto_picks_implementation_by_size_and_parent_keys():
+    from spartan.memory import DENSE_MAX_SLOTS
+
     assert SparseHierarchicalMemory(8, 16, 3, 8).implementation == "dense"
-    assert SparseHierarchicalMemory(8, 256, 64, 8).implementation == "dense"  # 16,384 slots: DENSE_MAX_SLOTS
-    assert SparseHierarchicalMemory(8, 256, 65, 8).implementation == "sparse"
+    assert SparseHierarchicalMemory(8, 16, DENSE_MAX_SLOTS // 16, 8).implementation == "dense"
+    assert SparseHierarchicalMemory(8, 16, DENSE_MAX_SLOTS // 16 + 1, 8).implementation == "sparse"
 
 
 @pytest.mark.parametrize(
@@ -236,7 +234,6 @@ def test_auto_picks_implementation_by_size():
         (dict(temperature=0.0), "temperature"),
         (dict(hidden_size=0), "hidden_size"),
         (dict(implementation="fast"), "implementation"),
-        (dict(chunk_tokens=0), "chunk_tokens"),
         (dict(temperature=float("inf")), "temperature"),
         (dict(temperature=True), "temperature"),
         (dict(temperature=1e-300), "temperature"),  # would divide the child logits into inf, then NaN
@@ -345,7 +342,6 @@ def test_product_top_k_is_exact_against_brute_force():
 def test_product_key_memory_matches_the_reference(implementation):
     dense, sparse = make_product_pair()
     memory = dense if implementation == "dense" else sparse
-    memory.chunk_tokens = 5
     hidden = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
     out = memory(hidden)
     expected = reference_read(memory, hidden.view(-1, 16)).view_as(hidden)
@@ -360,7 +356,7 @@ def test_product_key_memory_matches_the_reference(implementation):
 def test_sparse_read_passes_gradcheck(parent_keys):
     torch.manual_seed(0)
     memory = SparseHierarchicalMemory(
-        8, 9, 2, 2, 1.4, "normal", "sparse", parent_keys=parent_keys, chunk_tokens=2
+        8, 9, 2, 2, 1.4, "normal", "sparse", parent_keys=parent_keys
     ).double()
     hidden = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda h, k, v: memory(h), (hidden, memory.keys, memory.values))
@@ -386,12 +382,9 @@ def test_sparse_gradients_hold_only_the_rows_read_and_step_with_sparse_adam():
     assert set(changed) == rows
 
 
-def test_large_memories_pick_the_sparse_read_and_bound_its_chunks():
-    from spartan.memory import SPARSE_CHUNK_BYTES, sparse_chunk_tokens
-
+def test_large_memories_pick_the_sparse_read():
     memory = SparseHierarchicalMemory(64, 256 * 256, 4, 8, parent_keys="product")
     assert memory.implementation == "sparse"
-    assert sparse_chunk_tokens(8, 4, 64) * 4 * 8 * 4 * 64 * 4 <= SPARSE_CHUNK_BYTES
     hidden = torch.randn(2, 9, 64)
     assert memory(hidden).shape == (2, 9, 64)
     expected = (256 + 2 * 256 * 256 * 4) * 64  # two 256-key half tables, and the children
@@ -412,3 +405,22 @@ def test_product_key_settings_are_checked(kwargs, message):
     arguments = dict(hidden_size=16, num_parents=16, children_per_parent=3, top_k=4) | kwargs
     with pytest.raises(ValueError, match=message):
         SparseHierarchicalMemory(**arguments)
+
+
+@pytest.mark.parametrize("sparse_gradients", [False, True])
+def test_sparse_read_of_bfloat16_tables_matches_float32_on_the_same_values(sparse_gradients):
+    torch.manual_seed(0)
+    low = SparseHierarchicalMemory(16, 36, 2, 3, 1.4, "normal", "sparse", parent_keys="product").bfloat16()
+    full = SparseHierarchicalMemory(16, 36, 2, 3, 1.4, "normal", "sparse", parent_keys="product")
+    full.load_state_dict({name: tensor.float() for name, tensor in low.state_dict().items()})
+    low.sparse_gradients = full.sparse_gradients = sparse_gradients
+    hidden = torch.randn(5, 16)
+    out = low(hidden.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), full(hidden), atol=2e-2, rtol=2e-2)
+    out.float().square().sum().backward()
+    full(hidden).square().sum().backward()
+    for name in ("keys", "values"):
+        grad, expected = getattr(low, name).grad, getattr(full, name).grad
+        assert grad.dtype == torch.bfloat16 and grad.is_sparse == sparse_gradients
+        torch.testing.assert_close(grad.to_dense().float(), expected.to_dense(), atol=5e-2, rtol=5e-2)
