@@ -68,8 +68,9 @@ class SpartanConfig(JsonConfig):
         temperature: divides the child logits before their softmax (at least 1e-6).
         value_init: ``"zeros"`` (a fresh model equals the base model) or ``"normal"``
             (the paper's random initialisation).
-        implementation: ``"dense"`` (exportable), ``"sparse"`` (gathered, for large memories) or
-            ``"auto"`` (dense up to ``spartan.memory.DENSE_MAX_SLOTS`` slots, sparse beyond).
+        implementation: ``"dense"`` (exportable), ``"sparse"`` (reads only the selected children:
+            large memories) or ``"auto"`` (dense up to ``spartan.memory.DENSE_MAX_SLOTS`` slots,
+            sparse beyond).
         parent_keys: ``"flat"`` (P keys scored by brute force) or ``"product"`` (P = n * n parents
             scored through two tables of n half-size sub-keys: for memories with many parents).
         sparse_gradients: with product keys and the sparse read, the child keys and values get

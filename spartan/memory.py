@@ -18,11 +18,12 @@ IMPLEMENTATIONS = ("auto", "dense", "sparse")
 VALUE_INITS = ("zeros", "normal")
 PARENT_KEYS = ("flat", "product")
 
-# "auto" reads memories of up to this many child slots (P * C) densely. On CPU the dense read was the
-# faster one at every size measured up to here, forward and backward (benchmarks/results/memory_layer_auto.md);
-# its activations grow with tokens * P * C ([tokens, P * C] tensors), the sparse read's with tokens * k * C,
-# so beyond this size, or for very long batches, the sparse read is the one that fits.
-DENSE_MAX_SLOTS = 16384
+# "auto" reads memories of up to this many child slots (P * C) densely, with flat or product keys.
+# On CPU (benchmarks/results/memory_layer_auto.md) the dense read is the faster one at the paper's 48
+# slots, level with the sparse read at 1,024 (forward+backward), and slower from 4,096 slots on, where
+# its work and [tokens, P * C] activations grow with the slots while the sparse read's grow with
+# top_k * C.
+DENSE_MAX_SLOTS = 1024
 MIN_TEMPERATURE = 1e-6  # the smallest child-softmax temperature (logits / temperature stay finite)
 
 
@@ -163,11 +164,6 @@ class SparseHierarchicalMemory(nn.Module):
         if implementation == "auto":
             implementation = "dense" if num_parents * children_per_parent <= DENSE_MAX_SLOTS else "sparse"
         self.implementation = implementation
-        sparse_gradients = check.boolean("sparse_gradients", sparse_gradients)
-        if sparse_gradients and (parent_keys != "product" or implementation != "sparse"):
-            raise ValueError(
-                "sparse_gradients needs parent_keys='product' and implementation='sparse' (or 'auto' for a large memory)"
-            )
         slots = num_parents * children_per_parent
         factory = {"device": device, "dtype": dtype}
         if parent_keys == "product":
@@ -190,8 +186,13 @@ class SparseHierarchicalMemory(nn.Module):
 
     @sparse_gradients.setter
     def sparse_gradients(self, enabled: bool) -> None:
+        enabled = check.boolean("sparse_gradients", enabled)
+        if enabled and (self.parent_key_kind != "product" or self.implementation != "sparse"):
+            raise ValueError(
+                "sparse_gradients needs parent_keys='product' and implementation='sparse' (or 'auto')"
+            )
         for parameter in (self.keys, self.values):
-            parameter.sparse_grad = bool(enabled)
+            parameter.sparse_grad = enabled
 
     def reset_parameters(self) -> None:
         std = 1.0 / math.sqrt(self.hidden_size)  # logits of unit-scale hidden states start near unit scale
@@ -311,7 +312,7 @@ class SparseHierarchicalMemory(nn.Module):
             child_keys = self.keys
         read = sparse_read(
             tokens, top_indices, parent_weights, child_keys, self.values, P, self.children_per_parent,
-            self.temperature, self.sparse_gradients and self.sub_keys is not None,
+            self.temperature, self.sparse_gradients,
         )
         out = read.to(tokens.dtype) if residual is None else residual + read.to(residual.dtype)
         return out, top_indices, parent_weights
@@ -361,7 +362,8 @@ def sparse_read(
     """The children read of the selected parents as products with sparse matrices, with its own
     backward pass: no Python loop over parents or tokens, and no copies of the rows read.
 
-    Each token's ``k * C`` selected children form one row of a sparse CSR pattern ``[N, C * P]``.
+    Each token's ``k * C`` selected children form one row of a sparse CSR pattern ``[N, C * P]``
+    (child-major, parents ascending: sorted columns).
     The child logits are ``tokens @ child_keys.T`` sampled at that pattern (only its entries are
     computed, each reading its key row in place); the read-out is the pattern's mixing weights
     times ``values``. The backward pass takes the same two products, and the transposed pattern
@@ -379,14 +381,18 @@ def sparse_read(
     """
     if len(tokens) == 0:
         return tokens.new_zeros(tokens.shape) + 0 * parent_weights.sum()
+    # each token's parents in ascending order, so that its entries, child-major, have ascending
+    # columns (the CSR layout's invariant); the weights' gradient flows back through the gather
+    top_indices, order = top_indices.sort(dim=-1)
+    parent_weights = parent_weights.gather(-1, order)
     return _SparseRead.apply(
         tokens, top_indices, parent_weights, child_keys, values, num_parents, children_per_parent, temperature,
         sparse_gradients,
     )
 
 
-# The dtypes of torch's sparse CSR products on CPU; tables of other dtypes are read through a
-# float32 copy of the rows read.
+# The dtypes torch's sparse CSR products take on CPU; tables of other dtypes (on any device) are
+# read through a float32 copy of the rows read, made again in the backward pass.
 _CSR_DTYPES = (torch.float32, torch.float64)
 
 
@@ -394,34 +400,37 @@ class _SparseRead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tokens, top_indices, parent_weights, child_keys, values, P, C, temperature, sparse):
         n, k = top_indices.shape
-        rows = _child_rows(top_indices, P, C).flatten()  # [n*k*C], token by token
-        if child_keys.dtype in _CSR_DTYPES and values.dtype == child_keys.dtype:
-            keys, vals, columns, read = child_keys, values, rows, None
-        else:  # a compact float32 table of the distinct rows read; columns index it
+        rows = (P * torch.arange(C, device=top_indices.device).unsqueeze(-1) + top_indices.unsqueeze(1)).flatten()
+        read = None  # [n*C*k] above: token by token, child-major, so ascending within each token
+        if _compact(child_keys, values):  # a float32 table of the distinct rows read; columns index it
             read, columns = torch.unique(rows, return_inverse=True)
-            keys, vals = child_keys[read].float(), values[read].float()
+        else:
+            columns = rows
+        keys, vals = _tables(child_keys, values, read)
         pattern = _row_pointers(n, k * C, rows.device)
         h = tokens.to(keys.dtype)
-        logits = _sampled_products(pattern, columns, h, keys).view(n, k, C)
-        child_weights = (logits / temperature).softmax(dim=-1)  # within each parent
-        mix = child_weights * parent_weights.to(keys.dtype).unsqueeze(-1)  # [n, k, C]
+        logits = _sampled_products(pattern, columns, h, keys).view(n, C, k)
+        child_weights = (logits / temperature).softmax(dim=1)  # within each parent
+        mix = child_weights * parent_weights.to(keys.dtype).unsqueeze(1)  # [n, C, k]
         out = _sparse_times(pattern, columns, mix, vals)
-        ctx.save_for_backward(tokens, parent_weights, columns, read, keys, vals, child_weights, mix)
-        ctx.settings = (temperature, sparse, _layout(child_keys), _layout(values))
+        ctx.save_for_backward(tokens, parent_weights, columns, read, child_keys, values, child_weights, mix)
+        ctx.settings = (temperature, sparse)
         return out.to(values.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        tokens, parent_weights, columns, read, keys, vals, child_weights, mix = ctx.saved_tensors
-        temperature, sparse, keys_layout, values_layout = ctx.settings
+        tokens, parent_weights, columns, read, child_keys, values, child_weights, mix = ctx.saved_tensors
+        temperature, sparse = ctx.settings
         needs_tokens, _, needs_weights, needs_keys, needs_values = ctx.needs_input_grad[:5]
-        n, k, C = mix.shape
+        n, C, k = mix.shape
+        keys, vals = _tables(child_keys, values, read)
         pattern = _row_pointers(n, k * C, columns.device)
         g = grad_out.to(keys.dtype)
-        grad_mix = _sampled_products(pattern, columns, g, vals).view(n, k, C)  # g . value
-        grad_weights = (child_weights * grad_mix).sum(-1).to(parent_weights.dtype) if needs_weights else None
-        grad_child = grad_mix * parent_weights.to(keys.dtype).unsqueeze(-1)  # d out / d child weight
-        grad_logits = child_weights * (grad_child - (child_weights * grad_child).sum(-1, keepdim=True)) / temperature
+        grad_mix = _sampled_products(pattern, columns, g, vals).view(n, C, k)  # g . value
+        grad_weights = (child_weights * grad_mix).sum(1).to(parent_weights.dtype) if needs_weights else None
+        grad_child = grad_mix * parent_weights.to(keys.dtype).unsqueeze(1)  # d out / d child weight
+        grad_logits = child_weights * (grad_child - (child_weights * grad_child).sum(1, keepdim=True)) / temperature
         grad_tokens = _sparse_times(pattern, columns, grad_logits, keys).to(tokens.dtype) if needs_tokens else None
         if not (needs_keys or needs_values):
             return grad_tokens, None, grad_weights, None, None, None, None, None, None
@@ -439,9 +448,20 @@ class _SparseRead(torch.autograd.Function):
                 )
             return grad_rows.new_zeros(layout["size"]).index_copy_(0, read, grad_rows)
 
-        grad_keys = table_gradient(grad_logits, tokens.to(keys.dtype), keys_layout) if needs_keys else None
-        grad_values = table_gradient(mix, g, values_layout) if needs_values else None
+        grad_keys = table_gradient(grad_logits, tokens.to(keys.dtype), _layout(child_keys)) if needs_keys else None
+        grad_values = table_gradient(mix, g, _layout(values)) if needs_values else None
         return grad_tokens, None, grad_weights, grad_keys, grad_values, None, None, None, None
+
+
+def _compact(child_keys: Tensor, values: Tensor) -> bool:
+    return not (child_keys.dtype in _CSR_DTYPES and values.dtype == child_keys.dtype)
+
+
+def _tables(child_keys: Tensor, values: Tensor, read: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The tables the products read: the parameters themselves, or float32 copies of the rows ``read``."""
+    if read is None:
+        return child_keys, values
+    return child_keys[read].float(), values[read].float()
 
 
 def _layout(table: Tensor) -> dict:
@@ -455,8 +475,8 @@ def _row_pointers(rows: int, per_row: int, device: torch.device) -> Tensor:
 
 def _csr(row_pointers: Tensor, columns: Tensor, entries: Tensor, shape: tuple[int, int]) -> Tensor:
     with warnings.catch_warnings():  # torch flags its sparse CSR layout as beta, once per process
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(row_pointers, columns, entries, shape, check_invariants=False)
+        warnings.simplefilter("ignore", UserWarning)  # (invariants checked under torch.sparse.check_sparse_tensor_invariants)
+        return torch.sparse_csr_tensor(row_pointers, columns, entries, shape)
 
 
 def _sampled_products(row_pointers: Tensor, columns: Tensor, left: Tensor, right: Tensor) -> Tensor:
@@ -475,13 +495,12 @@ def _sparse_times(
     ``[rows, H]``, ``M = width``)."""
     rows = len(row_pointers) - 1
     matrix = _csr(row_pointers, columns, entries.flatten(), (rows, width or len(right)))
+    if transpose:
+        matrix = matrix.t()
+    # into a given output: torch's CPU kernel otherwise writes a temporary and copies it over
+    out = right.new_empty(matrix.shape[0], right.shape[1])
     with torch.autocast(right.device.type, enabled=False):
-        return matrix.t() @ right if transpose else matrix @ right
-
-
-def _child_rows(top_indices: Tensor, P: int, C: int) -> Tensor:
-    """The rows ``[n, k*C]`` of each token's selected parents' children (child-major: ``c*P + p``)."""
-    return (top_indices.unsqueeze(-1) + P * torch.arange(C, device=top_indices.device)).flatten(1)
+        return torch.mm(matrix, right, out=out)
 
 
 def dense_read(

@@ -223,6 +223,9 @@ def test_auto_picks_implementation_by_size_and_parent_keys():
     assert SparseHierarchicalMemory(8, 16, 3, 8).implementation == "dense"
     assert SparseHierarchicalMemory(8, 16, DENSE_MAX_SLOTS // 16, 8).implementation == "dense"
     assert SparseHierarchicalMemory(8, 16, DENSE_MAX_SLOTS // 16 + 1, 8).implementation == "sparse"
+    assert SparseHierarchicalMemory(8, 16, 3, 8, parent_keys="product").implementation == "dense"
+    assert SparseHierarchicalMemory(8, 64, 16, 8, parent_keys="product").implementation == "dense"
+    assert SparseHierarchicalMemory(8, 256, 16, 8, parent_keys="product").implementation == "sparse"
 
 
 @pytest.mark.parametrize(
@@ -277,12 +280,22 @@ def test_bf16_autocast_is_close_to_fp32(implementation):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("implementation", ["dense", "sparse"])
-def test_cuda_matches_cpu(implementation):
+@pytest.mark.parametrize("parent_keys", ["flat", "product"])
+def test_cuda_matches_cpu(implementation, parent_keys):
     torch.manual_seed(0)
-    memory = SparseHierarchicalMemory(32, 8, 3, 4, value_init="normal", implementation=implementation)
-    hidden = torch.randn(4, 6, 32)
+    memory = SparseHierarchicalMemory(
+        32, 16, 3, 4, value_init="normal", implementation=implementation, parent_keys=parent_keys
+    )
+    memory.sparse_gradients = implementation == "sparse" and parent_keys == "product"
+    hidden = torch.randn(4, 6, 32, requires_grad=True)
     expected = memory(hidden)
-    torch.testing.assert_close(memory.cuda()(hidden.cuda()).cpu(), expected, atol=1e-4, rtol=1e-4)
+    expected_grads = torch.autograd.grad(expected.square().sum(), [hidden, memory.keys, memory.values])
+    on_gpu, hidden_gpu = memory.cuda(), hidden.detach().cuda().requires_grad_()
+    out = on_gpu(hidden_gpu)
+    torch.testing.assert_close(out.cpu(), expected, atol=1e-4, rtol=1e-4)
+    grads = torch.autograd.grad(out.square().sum(), [hidden_gpu, on_gpu.keys, on_gpu.values])
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad.cpu().to_dense(), expected_grad.to_dense(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("implementation", ["dense", "sparse"])
@@ -424,3 +437,59 @@ def test_sparse_read_of_bfloat16_tables_matches_float32_on_the_same_values(spars
         grad, expected = getattr(low, name).grad, getattr(full, name).grad
         assert grad.dtype == torch.bfloat16 and grad.is_sparse == sparse_gradients
         torch.testing.assert_close(grad.to_dense().float(), expected.to_dense(), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("parent_keys", ["flat", "product"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_sparse_read_builds_valid_sparse_tensors(parent_keys, dtype):
+    torch.manual_seed(0)
+    memory = SparseHierarchicalMemory(16, 16, 3, 4, 1.4, "normal", "sparse", parent_keys=parent_keys).to(dtype)
+    memory.sparse_gradients = parent_keys == "product"
+    hidden = torch.randn(7, 16, dtype=dtype, requires_grad=True)
+    with torch.sparse.check_sparse_tensor_invariants():  # sorted, distinct columns in every CSR row
+        memory(hidden).float().square().sum().backward()
+    assert hidden.grad is not None and memory.values.grad is not None
+
+
+@pytest.mark.parametrize("parent_keys", ["flat", "product"])
+def test_sparse_read_under_bf16_autocast_is_close_to_fp32_with_gradients(parent_keys):
+    torch.manual_seed(0)
+    memory = SparseHierarchicalMemory(32, 16, 3, 4, 1.4, "normal", "sparse", parent_keys=parent_keys)
+    hidden = torch.randn(4, 6, 32, requires_grad=True)
+    params = [hidden, *memory.parameters()]
+    expected = torch.autograd.grad(memory(hidden).square().sum(), params)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = memory(hidden.bfloat16())
+    grads = torch.autograd.grad(out.float().square().sum(), params)
+    for grad, expected_grad in zip(grads, expected):
+        assert grad.dtype == torch.float32
+        torch.testing.assert_close(grad, expected_grad, atol=0.1, rtol=0.1)
+
+
+def test_sparse_gradients_are_refused_where_the_read_gives_dense_ones():
+    flat = SparseHierarchicalMemory(16, 8, 3, 4, implementation="sparse")
+    with pytest.raises(ValueError, match="sparse_gradients needs parent_keys='product'"):
+        flat.sparse_gradients = True
+    dense = SparseHierarchicalMemory(16, 16, 3, 4, implementation="dense", parent_keys="product")
+    with pytest.raises(ValueError, match="implementation='sparse'"):
+        dense.sparse_gradients = True
+    assert not flat.sparse_gradients and not dense.sparse_gradients
+
+
+def test_sparse_read_of_no_tokens_has_zero_gradients():
+    memory = SparseHierarchicalMemory(16, 8, 3, 4, value_init="normal", implementation="sparse")
+    hidden = torch.randn(0, 16, requires_grad=True)
+    memory(hidden).sum().backward()
+    assert hidden.grad.shape == (0, 16)
+    assert all(p.grad is None or not p.grad.any() for p in memory.parameters())
+
+
+def test_sparse_read_with_every_parent_selected_matches_dense():
+    dense, sparse = make_pair(parents=5, top_k=5)
+    hidden = torch.randn(6, 24, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(sparse(hidden), dense(hidden))
+    params = [hidden, *sparse.parameters()]
+    grads = torch.autograd.grad(sparse(hidden).square().sum(), params)
+    expected = torch.autograd.grad(dense(hidden).square().sum(), [hidden, *dense.parameters()])
+    for grad, expected_grad in zip(grads, expected):
+        torch.testing.assert_close(grad, expected_grad)
