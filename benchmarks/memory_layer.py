@@ -219,7 +219,7 @@ def plan(args: argparse.Namespace, settings: dict, pkm_available: bool) -> tuple
                                             "(.venv-bench/bin/pip install --no-deps product-key-memory==0.3.0)"))
                     continue
                 dense_bytes = 4 * tokens * slots * 5
-                if spec["implementation"] == "dense" and dense_bytes > args.dense_limit_gib * 2**30:
+                if spec.get("implementation") == "dense" and dense_bytes > args.dense_limit_gib * 2**30:
                     decided.append(row_stub(spec, settings, "skipped", f"needs ~{dense_bytes / 2**30:.0f} GiB of "
                                             f"activations (over --dense-limit-gib {args.dense_limit_gib:g})"))
                     continue
