@@ -25,6 +25,8 @@ PARENT_KEYS = ("flat", "product")
 # top_k * C.
 DENSE_MAX_SLOTS = 1024
 MIN_TEMPERATURE = 1e-6  # the smallest child-softmax temperature (logits / temperature stay finite)
+# The sparse read's backward writes the tables' gradient rows this many bytes at a time.
+GRADIENT_BLOCK_BYTES = 32 * 2**20
 
 
 class Routing(NamedTuple):
@@ -438,10 +440,10 @@ class _SparseRead(torch.autograd.Function):
         inverse = columns
         if read is None:
             read, inverse = torch.unique(columns, return_inverse=True)
+        transposed = _Transposed(inverse, len(read), k * C)
 
         def table_gradient(entries: Tensor, right: Tensor, layout: dict) -> Tensor:
-            grad_rows = _sparse_times(pattern, inverse, entries, right, width=len(read), transpose=True)
-            grad_rows = grad_rows.to(layout["dtype"])
+            grad_rows = transposed.times(entries, right).to(layout["dtype"])
             if sparse:
                 return torch.sparse_coo_tensor(
                     read.unsqueeze(0), grad_rows, **layout, is_coalesced=True, check_invariants=False
@@ -486,21 +488,41 @@ def _sampled_products(row_pointers: Tensor, columns: Tensor, left: Tensor, right
         return torch.sparse.sampled_addmm(pattern, left, right.T, beta=0.0).values()
 
 
-def _sparse_times(
-    row_pointers: Tensor, columns: Tensor, entries: Tensor, right: Tensor, *, width: int | None = None,
-    transpose: bool = False,
-) -> Tensor:
-    """The sparse matrix ``S`` ``[rows, M]`` of ``entries`` at the pattern times ``right``:
-    ``S @ right`` (``right`` ``[M, H]``), or with ``transpose`` ``S.T @ right`` (``right``
-    ``[rows, H]``, ``M = width``)."""
-    rows = len(row_pointers) - 1
-    matrix = _csr(row_pointers, columns, entries.flatten(), (rows, width or len(right)))
-    if transpose:
-        matrix = matrix.t()
+def _sparse_times(row_pointers: Tensor, columns: Tensor, entries: Tensor, right: Tensor) -> Tensor:
+    """The sparse matrix ``S`` ``[rows, M]`` of ``entries`` at the pattern times ``right`` ``[M, H]``."""
+    matrix = _csr(row_pointers, columns, entries.flatten(), (len(row_pointers) - 1, len(right)))
     # into a given output: torch's CPU kernel otherwise writes a temporary and copies it over
-    out = right.new_empty(matrix.shape[0], right.shape[1])
+    out = right.new_empty(len(row_pointers) - 1, right.shape[1])
     with torch.autocast(right.device.type, enabled=False):
         return torch.mm(matrix, right, out=out)
+
+
+class _Transposed:
+    """The transpose ``S.T`` ``[U, n]`` of a pattern with ``per_row`` entries in each of its ``n`` rows
+    at ``columns`` (``0 <= column < U``), as CSR row blocks of at most ``GRADIENT_BLOCK_BYTES`` of
+    output each: ``times`` writes ``S.T @ right`` block by block into its result, so no temporary
+    of the result's size exists."""
+
+    def __init__(self, columns: Tensor, width: int, per_row: int) -> None:
+        self.order = columns.argsort(stable=True)  # entries row by row of S.T, tokens ascending in each
+        self.tokens = self.order // per_row
+        counts = torch.bincount(columns, minlength=width)
+        self.pointers = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        self.width = width
+
+    def times(self, entries: Tensor, right: Tensor) -> Tensor:
+        entries = entries.flatten()[self.order]
+        out = right.new_empty(self.width, right.shape[1])
+        block = max(1, GRADIENT_BLOCK_BYTES // (right.shape[1] * right.element_size()))
+        starts = list(range(0, self.width, block))
+        bounds = self.pointers[starts + [self.width]].tolist()
+        with torch.autocast(right.device.type, enabled=False):
+            for i, start in enumerate(starts):
+                stop, first, last = min(start + block, self.width), bounds[i], bounds[i + 1]
+                matrix = _csr(self.pointers[start:stop + 1] - first, self.tokens[first:last], entries[first:last],
+                              (stop - start, len(right)))
+                torch.mm(matrix, right, out=out[start:stop])
+        return out
 
 
 def dense_read(

@@ -28,10 +28,12 @@ def make_pair(hidden=24, parents=10, children=4, top_k=3, temperature=1.6, seed=
     return dense, sparse
 
 
-@pytest.mark.parametrize("implementation", ["dense", "sparse"])
-def test_forward_and_gradients_match_reference(implementation):
+@pytest.mark.parametrize("implementation", ["dense", "sparse", "sparse, gradients in small blocks"])
+def test_forward_and_gradients_match_reference(implementation, monkeypatch):
     dense, sparse = make_pair()
     memory = dense if implementation == "dense" else sparse
+    if implementation == "sparse, gradients in small blocks":
+        monkeypatch.setattr("spartan.memory.GRADIENT_BLOCK_BYTES", 3 * 24 * 8)  # three rows per block
     hidden = torch.randn(3, 7, 24, dtype=torch.float64, requires_grad=True)
     out = memory(hidden)
     expected = reference_read(memory, hidden.view(-1, 24)).view_as(hidden)
