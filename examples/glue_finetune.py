@@ -44,7 +44,7 @@ RUN_NAME = "run.json"
 METRICS_NAME = "metrics.json"
 LOG_NAME = "log.jsonl"
 CHECKPOINT_FOLDERS = ("last", "best")  # written by spartan.training.train
-MEMORY_OPTIONS = ("num_parents", "children_per_parent", "top_k", "temperature", "train_layer_norms")
+MEMORY_OPTIONS = ("num_parents", "children_per_parent", "top_k", "temperature", "parent_keys", "train_layer_norms")
 SETTING_GROUPS = ("memory", "training")  # run.json sections whose keys are named without the section
 
 
@@ -77,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--children-per-parent", type=int, default=defaults.children_per_parent)
     parser.add_argument("--top-k", type=int, default=defaults.top_k)
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("--parent-keys", choices=spartan.memory.PARENT_KEYS, default=defaults.parent_keys,
+                        help="product: --num-parents n*n parents scored through two tables of n sub-keys "
+                        "(large memories)")
     parser.add_argument("--train-layer-norms", action=argparse.BooleanOptionalAction,
                         default=defaults.train_layer_norms, help="also train the wrapped layers' LayerNorms")
     parser.add_argument("--predict", action="store_true", help="also write GLUE test-set submission files")

@@ -264,6 +264,8 @@ def test_a_folder_with_a_run_but_no_run_json_is_refused(example, capsys, finishe
         (["--task", "rte", "--children-per-parent", "0"], "--children-per-parent"),
         (["--task", "rte", "--method", "full", "--top-k", "4"], "--top-k only applies to --method spartan"),
         (["--task", "rte", "--method", "head", "--no-train-layer-norms"], "use --method spartan"),
+        (["--task", "rte", "--parent-keys", "product", "--num-parents", "12"], "--num-parents = n * n"),
+        (["--task", "rte", "--method", "full", "--parent-keys", "product"], "--parent-keys only applies"),
     ],
 )
 def test_bad_arguments_are_clear_errors(example, capsys, options, message):
