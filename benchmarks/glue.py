@@ -471,8 +471,16 @@ def load_runs(runs_dir: Path) -> list[dict]:
     return runs
 
 
-def best_learning_rate(runs: list[dict], task: str, label: str, first_seed: int) -> float | None:
-    """The learning rate whose first-seed run of ``label`` on ``task`` scored best (ties: the lower)."""
+def sweep_seed(runs: list[dict], task: str, label: str) -> int | None:
+    """The seed that ran ``label``'s learning-rate sweep on ``task``: its lowest seed with a run."""
+    return min((r["seed"] for r in runs if (r["task"], r["method"]) == (task, label)), default=None)
+
+
+def best_learning_rate(runs: list[dict], task: str, label: str, first_seed: int | None = None) -> float | None:
+    """The learning rate whose first-seed run of ``label`` on ``task`` scored best (ties: the lower);
+    the first seed defaults to the sweep's (``sweep_seed``)."""
+    if first_seed is None:
+        first_seed = sweep_seed(runs, task, label)
     sweep = [r for r in runs if (r["task"], r["method"], r["seed"]) == (task, label, first_seed)]
     return max(sweep, key=lambda r: (r["score"], -r["learning_rate"]))["learning_rate"] if sweep else None
 
@@ -504,14 +512,15 @@ def execute(args: argparse.Namespace) -> None:
 # -- the tables --------------------------------------------------------------------------------------
 
 
-def summarise(runs: list[dict], first_seed: int) -> list[dict]:
-    """Per task and method: the learning rate chosen on the first seed, and mean/std over seeds at that rate."""
+def summarise(runs: list[dict]) -> list[dict]:
+    """Per task and method: the learning rate chosen on the sweep's seed, and mean/std over seeds at that
+    rate (the same tables whichever ``--seeds`` the last invocation ran)."""
     rows = []
     variants = sorted({r["method"] for r in runs if r["method"] not in LEARNING_RATES})
     for method in [*LEARNING_RATES, *variants]:
         row = {"method": method, "tasks": {}}
         for task in FOUR_TASKS:
-            lr = best_learning_rate(runs, task, method, first_seed)
+            lr = best_learning_rate(runs, task, method)
             if lr is None:
                 continue
             chosen = [r for r in runs if (r["task"], r["method"], r["learning_rate"]) == (task, method, lr)]
@@ -536,7 +545,7 @@ def summarise(runs: list[dict], first_seed: int) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], runs: list[dict], setting: str, first_seed: int) -> str:
+def markdown(rows: list[dict], runs: list[dict], setting: str) -> str:
     example = runs[0]
     lines = [
         f"GLUE dev, all-MiniLM-L6-v2, setting `{setting}`: {example['epochs']} epochs, batch {example['batch_size']}, "
@@ -571,7 +580,7 @@ def markdown(rows: list[dict], runs: list[dict], setting: str, first_seed: int) 
         "",
     ]
     lines += cola_table(rows)
-    lines += sweep_table(rows, runs, first_seed)
+    lines += sweep_table(rows, runs)
     return "\n".join(lines) + "\n"
 
 
@@ -600,7 +609,7 @@ def cola_table(rows: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
-def sweep_table(rows: list[dict], runs: list[dict], first_seed: int) -> list[str]:
+def sweep_table(rows: list[dict], runs: list[dict]) -> list[str]:
     """Markdown lines: every method's score at each learning rate of the sweep on the first seed, the chosen one
     in bold; a CoLA column where CoLA runs exist."""
     tasks = [task for task in FOUR_TASKS if task in TASKS or any(task in row["tasks"] for row in rows)]
@@ -620,7 +629,7 @@ def sweep_table(rows: list[dict], runs: list[dict], first_seed: int) -> list[str
             sweep = sorted(
                 (r["learning_rate"], 100 * r["score"])
                 for r in runs
-                if (r["task"], r["method"], r["seed"]) == (task, row["method"], first_seed)
+                if (r["task"], r["method"], r["seed"]) == (task, row["method"], sweep_seed(runs, task, row["method"]))
             )
             cells.append(", ".join(
                 f"**{lr:g}: {score:.1f}**" if lr == entry["learning_rate"] else f"{lr:g}: {score:.1f}"
@@ -634,8 +643,8 @@ def report(args: argparse.Namespace) -> None:
     runs = load_runs(args.runs_dir)
     if not runs:
         raise SystemExit(f"error: no runs in {args.runs_dir}: run the protocol first (without --report-only)")
-    rows = summarise(runs, args.seeds[0])
-    table = markdown(rows, runs, args.setting.name, args.seeds[0])
+    rows = summarise(runs)
+    table = markdown(rows, runs, args.setting.name)
     print(table)
     atomic_write_text(args.out / f"glue_{args.setting.name}.md", table)
     atomic_write_text(args.out / f"glue_{args.setting.name}.json", json.dumps(rows, indent=2) + "\n")

@@ -180,6 +180,9 @@ def test_stored_runs_are_found_by_name_and_rebuild_the_committed_tables(glue_ben
         for suffix in (".md", ".json"):
             name = f"glue_{setting}{suffix}"
             assert (tmp_path / name).read_text() == (results / name).read_text(), name
+    # a later invocation with other --seeds (e.g. seeds 1-2 of a variant) rebuilds the same tables
+    glue_benchmark.main(["--report-only", "--out", str(tmp_path), "--seeds", "2"])
+    assert (tmp_path / "glue_full.md").read_text() == (results / "glue_full.md").read_text()
 
 
 def test_a_misnamed_run_file_is_refused(glue_benchmark, tmp_path):
