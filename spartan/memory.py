@@ -443,12 +443,12 @@ class _SparseRead(torch.autograd.Function):
         transposed = _Transposed(inverse, len(read), k * C)
 
         def table_gradient(entries: Tensor, right: Tensor, layout: dict) -> Tensor:
+            if not sparse:  # the rows read, block by block, into the table-sized gradient
+                return transposed.times(entries, right, into=torch.zeros(**layout), rows=read)
             grad_rows = transposed.times(entries, right).to(layout["dtype"])
-            if sparse:
-                return torch.sparse_coo_tensor(
-                    read.unsqueeze(0), grad_rows, **layout, is_coalesced=True, check_invariants=False
-                )
-            return grad_rows.new_zeros(layout["size"]).index_copy_(0, read, grad_rows)
+            return torch.sparse_coo_tensor(
+                read.unsqueeze(0), grad_rows, **layout, is_coalesced=True, check_invariants=False
+            )
 
         grad_keys = table_gradient(grad_logits, tokens.to(keys.dtype), _layout(child_keys)) if needs_keys else None
         grad_values = table_gradient(mix, g, _layout(values)) if needs_values else None
@@ -500,8 +500,8 @@ def _sparse_times(row_pointers: Tensor, columns: Tensor, entries: Tensor, right:
 class _Transposed:
     """The transpose ``S.T`` ``[U, n]`` of a pattern with ``per_row`` entries in each of its ``n`` rows
     at ``columns`` (``0 <= column < U``), as CSR row blocks of at most ``GRADIENT_BLOCK_BYTES`` of
-    output each: ``times`` writes ``S.T @ right`` block by block into its result, so no temporary
-    of the result's size exists."""
+    output each: ``times`` writes ``S.T @ right`` block by block into its result (or into the
+    ``rows`` of a larger tensor), so no temporary of the result's size exists."""
 
     def __init__(self, columns: Tensor, width: int, per_row: int) -> None:
         self.order = columns.argsort(stable=True)  # entries row by row of S.T, tokens ascending in each
@@ -510,10 +510,12 @@ class _Transposed:
         self.pointers = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         self.width = width
 
-    def times(self, entries: Tensor, right: Tensor) -> Tensor:
+    def times(self, entries: Tensor, right: Tensor, into: Tensor | None = None, rows: Tensor | None = None) -> Tensor:
+        """``S.T @ right`` ``[U, H]``; with ``into`` and ``rows`` ``[U]``, its row ``u`` is written to
+        ``into[rows[u]]`` instead (one block-sized buffer) and ``into`` is returned."""
         entries = entries.flatten()[self.order]
-        out = right.new_empty(self.width, right.shape[1])
         block = max(1, GRADIENT_BLOCK_BYTES // (right.shape[1] * right.element_size()))
+        out = right.new_empty(self.width if into is None else min(block, self.width), right.shape[1])
         starts = list(range(0, self.width, block))
         bounds = self.pointers[starts + [self.width]].tolist()
         with torch.autocast(right.device.type, enabled=False):
@@ -521,8 +523,12 @@ class _Transposed:
                 stop, first, last = min(start + block, self.width), bounds[i], bounds[i + 1]
                 matrix = _csr(self.pointers[start:stop + 1] - first, self.tokens[first:last], entries[first:last],
                               (stop - start, len(right)))
-                torch.mm(matrix, right, out=out[start:stop])
-        return out
+                if into is None:
+                    torch.mm(matrix, right, out=out[start:stop])
+                else:
+                    part = torch.mm(matrix, right, out=out[: stop - start])
+                    into.index_copy_(0, rows[start:stop], part.to(into.dtype))
+        return out if into is None else into
 
 
 def dense_read(
