@@ -626,10 +626,11 @@ def sweep_table(rows: list[dict], runs: list[dict]) -> list[str]:
             if entry is None:
                 cells.append("")
                 continue
+            seed = sweep_seed(runs, task, row["method"])
             sweep = sorted(
                 (r["learning_rate"], 100 * r["score"])
                 for r in runs
-                if (r["task"], r["method"], r["seed"]) == (task, row["method"], sweep_seed(runs, task, row["method"]))
+                if (r["task"], r["method"], r["seed"]) == (task, row["method"], seed)
             )
             cells.append(", ".join(
                 f"**{lr:g}: {score:.1f}**" if lr == entry["learning_rate"] else f"{lr:g}: {score:.1f}"

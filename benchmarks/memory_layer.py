@@ -52,6 +52,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, when run as a script
 
 from spartan import SparseHierarchicalMemory  # noqa: E402
+from spartan.memory import GRADIENT_BLOCK_BYTES  # noqa: E402
 from spartan import _validate as check  # noqa: E402
 from spartan._io import atomic_write_text  # noqa: E402
 
@@ -161,9 +162,9 @@ def memory_estimate(spec: dict, settings: dict) -> tuple[int, int]:
     if spec["implementation"] == "dense":
         transient = params + 4 * 5 * tokens * spec["slots"]  # logits, child and slot weights, their gradients
     elif spec["sparse_gradients"]:
-        transient = 4 * rows  # both tables' gradient rows, each with the sparse product's temporary
+        transient = 2 * rows + 2 * GRADIENT_BLOCK_BYTES  # both tables' gradient rows, a block buffer each
     else:
-        transient = params + 2 * rows  # the gradients, and one table's rows read before they are placed
+        transient = params + 2 * GRADIENT_BLOCK_BYTES  # the gradients, written a block at a time
     if spec.get("optimizer") == "AdamW":  # two moments; a step's temporary of the largest table
         return params + 2 * params, transient + 4 * spec["slots"] * hidden
     if spec.get("optimizer") == "LazyAdamW":  # two moments; the gradients and the rows' temporaries

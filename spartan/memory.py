@@ -191,7 +191,8 @@ class SparseHierarchicalMemory(nn.Module):
         enabled = check.boolean("sparse_gradients", enabled)
         if enabled and (self.parent_key_kind != "product" or self.implementation != "sparse"):
             raise ValueError(
-                "sparse_gradients needs parent_keys='product' and implementation='sparse' (or 'auto')"
+                "sparse_gradients needs parent_keys='product' and the sparse read: implementation='sparse' "
+                f"(or 'auto' above {DENSE_MAX_SLOTS} slots)"
             )
         for parameter in (self.keys, self.values):
             parameter.sparse_grad = enabled
@@ -362,7 +363,8 @@ def sparse_read(
     sparse_gradients: bool = False,
 ) -> Tensor:
     """The children read of the selected parents as products with sparse matrices, with its own
-    backward pass: no Python loop over parents or tokens, and no copies of the rows read.
+    backward pass: no Python loop over parents or tokens, and (for float32 and float64 tables) no
+    copies of the rows read.
 
     Each token's ``k * C`` selected children form one row of a sparse CSR pattern ``[N, C * P]``
     (child-major, parents ascending: sorted columns).
@@ -402,8 +404,9 @@ class _SparseRead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tokens, top_indices, parent_weights, child_keys, values, P, C, temperature, sparse):
         n, k = top_indices.shape
+        # [n*C*k]: token by token, child-major, so ascending within each token (parents come sorted)
         rows = (P * torch.arange(C, device=top_indices.device).unsqueeze(-1) + top_indices.unsqueeze(1)).flatten()
-        read = None  # [n*C*k] above: token by token, child-major, so ascending within each token
+        read = None
         if _compact(child_keys, values):  # a float32 table of the distinct rows read; columns index it
             read, columns = torch.unique(rows, return_inverse=True)
         else:
