@@ -27,6 +27,10 @@ DENSE_MAX_SLOTS = 1024
 MIN_TEMPERATURE = 1e-6  # the smallest child-softmax temperature (logits / temperature stay finite)
 # The sparse read's backward writes the tables' gradient rows this many bytes at a time.
 GRADIENT_BLOCK_BYTES = 32 * 2**20
+# The sparse read goes parent by parent (one grouped matrix product over each parent's tokens) from
+# this many (token, parent) pairs per parent, on tables of at least this size; below, token by token.
+GROUPED_MIN_PAIRS_PER_PARENT = 4
+GROUPED_MIN_TABLE_BYTES = 64 * 2**20
 
 
 class Routing(NamedTuple):
@@ -362,17 +366,24 @@ def sparse_read(
     temperature: float,
     sparse_gradients: bool = False,
 ) -> Tensor:
-    """The children read of the selected parents as products with sparse matrices, with its own
-    backward pass: no Python loop over parents or tokens, and (for float32 and float64 tables) no
-    copies of the rows read.
+    """The children read of the selected parents, with its own backward pass: no Python loop over
+    parents or tokens, and no copies of the tables. Two exact ways, chosen per call:
 
-    Each token's ``k * C`` selected children form one row of a sparse CSR pattern ``[N, C * P]``
-    (child-major, parents ascending: sorted columns).
-    The child logits are ``tokens @ child_keys.T`` sampled at that pattern (only its entries are
-    computed, each reading its key row in place); the read-out is the pattern's mixing weights
-    times ``values``. The backward pass takes the same two products, and the transposed pattern
-    over the distinct rows read for the tables' gradients. Beyond the ``[N, H]`` inputs and outputs
-    the read keeps ``N * k * C`` scalars; the tables' gradients hold the rows read.
+    - **token by token** (few tokens per parent, or small tables): each token's ``k * C`` selected
+      children form one row of a sparse CSR pattern ``[N, C * P]`` (child-major, parents ascending:
+      sorted columns). The child logits are ``tokens @ child_keys.T`` sampled at that pattern, the
+      read-out is the pattern's mixing weights times ``values``; the backward pass takes the same
+      products, and the transposed pattern over the distinct rows read for the tables' gradients.
+      Each row is read once per token that selected its parent.
+    - **parent by parent** (at least ``GROUPED_MIN_PAIRS_PER_PARENT`` (token, parent) pairs per
+      parent and tables of at least ``GROUPED_MIN_TABLE_BYTES``): the ``N * k`` pairs sorted by
+      parent; each parent's ``[C, H]`` keys and values (strided views of the tables) multiply its
+      pairs' tokens in one grouped matrix product (``torch.nn.functional.grouped_mm``; CPU,
+      float32 / bfloat16 / float16, rows of a multiple of 16 bytes). Each row is read once per pass.
+
+    Beyond the ``[N, H]`` inputs and outputs the read keeps ``N * k * C`` scalars (the parent by
+    parent way also holds one ``[N*k, H]`` buffer at a time); the tables' gradients are written
+    in blocks of at most ``GRADIENT_BLOCK_BYTES``.
 
     Args:
         tokens: ``[N, H]``.
@@ -385,14 +396,13 @@ def sparse_read(
     """
     if len(tokens) == 0:
         return tokens.new_zeros(tokens.shape) + 0 * parent_weights.sum()
+    arguments = (child_keys, values, num_parents, children_per_parent, temperature, sparse_gradients)
+    if _groups_pay(top_indices, child_keys, values, num_parents):
+        return _GroupedRead.apply(tokens, top_indices, parent_weights, *arguments)
     # each token's parents in ascending order, so that its entries, child-major, have ascending
     # columns (the CSR layout's invariant); the weights' gradient flows back through the gather
     top_indices, order = top_indices.sort(dim=-1)
-    parent_weights = parent_weights.gather(-1, order)
-    return _SparseRead.apply(
-        tokens, top_indices, parent_weights, child_keys, values, num_parents, children_per_parent, temperature,
-        sparse_gradients,
-    )
+    return _SparseRead.apply(tokens, top_indices, parent_weights.gather(-1, order), *arguments)
 
 
 # The dtypes torch's sparse CSR products take on CPU; tables of other dtypes (on any device) are
@@ -532,6 +542,144 @@ class _Transposed:
                     part = torch.mm(matrix, right, out=out[: stop - start])
                     into.index_copy_(0, rows[start:stop], part.to(into.dtype))
         return out if into is None else into
+
+
+class _GroupedRead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tokens, top_indices, parent_weights, child_keys, values, P, C, temperature, sparse):
+        n, H = tokens.shape
+        pairs = _Pairs(top_indices, P)
+        keys, vals = _per_parent(child_keys, P, C), _per_parent(values, P, C)  # [P, C, H] views
+        with torch.autocast(tokens.device.type, enabled=False):  # products in the tables' dtype
+            logits = pairs.per_group(tokens.to(keys.dtype)[pairs.tokens], keys.transpose(1, 2))  # [n*k, C]
+            child_weights = (_upcast(logits) / temperature).softmax(dim=-1)  # within each pair's parent
+            weights = _upcast(parent_weights).flatten()[pairs.order].unsqueeze(1)  # [n*k, 1]
+            mix = (child_weights * weights).to(vals.dtype)
+            out = vals.new_zeros(n, H).index_add_(0, pairs.tokens, pairs.per_group(mix, vals))
+        ctx.save_for_backward(tokens, parent_weights, child_keys, values, child_weights, mix)
+        ctx.pairs, ctx.settings = pairs, (P, C, temperature, sparse)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        tokens, parent_weights, child_keys, values, child_weights, mix = ctx.saved_tensors
+        pairs, (P, C, temperature, sparse) = ctx.pairs, ctx.settings
+        needs_tokens, _, needs_weights, needs_keys, needs_values = ctx.needs_input_grad[:5]
+        keys, vals = _per_parent(child_keys, P, C), _per_parent(values, P, C)
+        grad_tokens = grad_weights = grad_keys = grad_values = None
+        with torch.autocast(tokens.device.type, enabled=False):
+            g = grad_out.to(vals.dtype)[pairs.tokens]  # [n*k, H], each pair's upstream gradient
+            grad_mix = _upcast(pairs.per_group(g, vals.transpose(1, 2)))  # [n*k, C]: g . value
+            if needs_values:
+                grad_values = pairs.table_gradient(mix, g, values, sparse)
+            del g
+            if needs_weights:
+                grad_weights = torch.empty_like(grad_mix[:, 0])
+                grad_weights[pairs.order] = (child_weights * grad_mix).sum(1)
+                grad_weights = grad_weights.view_as(parent_weights).to(parent_weights.dtype)
+            weights = _upcast(parent_weights).flatten()[pairs.order].unsqueeze(1)
+            grad_child = grad_mix * weights  # d out / d child weight
+            grad_logits = child_weights * (grad_child - (child_weights * grad_child).sum(1, keepdim=True))
+            grad_logits = (grad_logits / temperature).to(keys.dtype)
+            if needs_tokens:
+                grad_tokens = torch.zeros_like(tokens, dtype=keys.dtype)
+                grad_tokens = grad_tokens.index_add_(0, pairs.tokens, pairs.per_group(grad_logits, keys))
+                grad_tokens = grad_tokens.to(tokens.dtype)
+            if needs_keys:
+                grad_keys = pairs.table_gradient(grad_logits, tokens.to(keys.dtype)[pairs.tokens], child_keys, sparse)
+        return grad_tokens, None, grad_weights, grad_keys, grad_values, None, None, None, None
+
+
+def _per_parent(table: Tensor, P: int, C: int) -> Tensor:
+    """A child-major table ``[C*P, H]`` as each parent's children: a ``[P, C, H]`` view."""
+    return table.view(C, P, table.shape[-1]).transpose(0, 1)
+
+
+# The dtypes torch's grouped matrix product takes on CPU; its operands' strides must be multiples of 16 bytes.
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _groups_pay(top_indices: Tensor, child_keys: Tensor, values: Tensor, num_parents: int) -> bool:
+    """Whether ``sparse_read`` goes parent by parent: the grouped kernel takes the tables, which are
+    large, and the parents are shared by enough tokens. (Thresholds from a side-by-side check at
+    32 x 128 tokens, H=768; benchmarks/README.md says what is still to be measured.)"""
+    kernel = all(
+        t.device.type == "cpu" and t.dtype in _KERNEL_DTYPES and t.dtype == child_keys.dtype
+        and t.shape[-1] * t.element_size() % 16 == 0
+        for t in (child_keys, values)
+    )
+    return (
+        kernel
+        and top_indices.numel() >= GROUPED_MIN_PAIRS_PER_PARENT * num_parents
+        and child_keys.numel() * child_keys.element_size() >= GROUPED_MIN_TABLE_BYTES
+    )
+
+
+class _Pairs:
+    """The ``N * k`` (token, parent) pairs of a read sorted by parent (stable: tokens ascending within
+    each parent), and the grouped products over them, one group per parent."""
+
+    def __init__(self, top_indices: Tensor, num_parents: int) -> None:
+        parents = top_indices.flatten()
+        self.order = parents.argsort(stable=True)  # pair ids (token * k + slot), parent by parent
+        self.tokens = self.order // top_indices.shape[1]  # [n*k]: each sorted pair's token
+        self.counts = torch.bincount(parents, minlength=num_parents)  # [P]: pairs per parent
+        self.ends = self.counts.cumsum(0)  # [P]: where each parent's pairs end
+        self.num_parents = num_parents
+
+    def per_group(self, rows: Tensor, tables: Tensor) -> Tensor:
+        """Each parent's rows times its table: ``[n*k, K]``, ``[P, K, M]`` -> ``[n*k, M]``."""
+        return torch.nn.functional.grouped_mm(_aligned(rows), tables, offs=self.ends.to(torch.int32))
+
+    def table_gradient(self, left: Tensor, right: Tensor, table: Tensor, sparse: bool) -> Tensor:
+        """The gradient of a child-major table ``[C*P, H]`` whose child ``c`` of parent ``p`` received
+        ``sum over p's pairs of left[pair, c] * right[pair]`` (``[n*k, C]``, ``[n*k, H]``): dense, or
+        a sparse COO tensor of the rows read. Written in blocks of parents, each at most
+        ``GRADIENT_BLOCK_BYTES`` of gradient."""
+        C, H = left.shape[1], right.shape[1]
+        used = self.counts.nonzero().flatten()  # the parents read, ascending
+        every_parent = len(used) == self.num_parents
+        counts = self.counts[used]
+        block = max(1, GRADIENT_BLOCK_BYTES // (C * H * right.element_size()))
+        if sparse:
+            rows = right.new_empty(C, len(used), H)
+        else:
+            grad = torch.zeros_like(table, memory_format=torch.contiguous_format)
+            target = grad.view(C, self.num_parents, H)
+        left = _aligned(left)
+        bounds = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).tolist()  # each used parent's first pair
+        for start in range(0, len(used), block):
+            first, last = bounds[start], bounds[min(start + block, len(used))]
+            sums = self._group_sums(left[first:last], right[first:last], counts[start:start + block])  # [b, C, H]
+            if sparse:
+                rows[:, start:start + block] = sums.transpose(0, 1)
+            elif every_parent:  # a range of parents: a strided copy
+                target[:, start:start + block] = sums.transpose(0, 1)
+            else:
+                target.index_copy_(1, used[start:start + block], sums.transpose(0, 1).to(table.dtype))
+        if not sparse:
+            return grad
+        indices = (self.num_parents * torch.arange(C, device=used.device).unsqueeze(1) + used).flatten()
+        return torch.sparse_coo_tensor(
+            indices.unsqueeze(0), rows.flatten(0, 1).to(table.dtype), table.shape, is_coalesced=True,
+            check_invariants=False,
+        )
+
+    def _group_sums(self, left: Tensor, right: Tensor, counts: Tensor) -> Tensor:
+        """``left[group].T @ right[group]`` for consecutive groups of ``counts`` rows: ``[b, K, M]``."""
+        return torch.nn.functional.grouped_mm(left.T, right, offs=counts.cumsum(0).to(torch.int32))
+
+
+def _aligned(matrix: Tensor) -> Tensor:
+    """``matrix`` ``[R, K]`` (unit column stride), or a copy of it in a wider buffer, so that its row
+    stride is a multiple of 16 bytes, as the grouped kernel needs."""
+    per = 16 // matrix.element_size()
+    if matrix.stride(0) % per == 0 and matrix.stride(1) == 1:
+        return matrix
+    buffer = matrix.new_empty(matrix.shape[0], -(-matrix.shape[1] // per) * per)
+    buffer[:, : matrix.shape[1]] = matrix
+    return buffer[:, : matrix.shape[1]]
 
 
 def dense_read(

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from spartan import SparseHierarchicalMemory, load_balancing_loss
-from spartan.memory import Routing
+from spartan.memory import Routing, sparse_read
 
 
 def reference_read(memory: SparseHierarchicalMemory, hidden: torch.Tensor) -> torch.Tensor:
@@ -441,16 +441,89 @@ def test_sparse_read_of_bfloat16_tables_matches_float32_on_the_same_values(spars
         torch.testing.assert_close(grad.to_dense().float(), expected.to_dense(), atol=5e-2, rtol=5e-2)
 
 
-@pytest.mark.parametrize("parent_keys", ["flat", "product"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_sparse_read_builds_valid_sparse_tensors(parent_keys, dtype):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_sparse_gradients_are_coalesced_and_valid(dtype):
     torch.manual_seed(0)
-    memory = SparseHierarchicalMemory(16, 16, 3, 4, 1.4, "normal", "sparse", parent_keys=parent_keys).to(dtype)
-    memory.sparse_gradients = parent_keys == "product"
+    memory = SparseHierarchicalMemory(16, 16, 3, 4, 1.4, "normal", "sparse", parent_keys="product").to(dtype)
+    memory.sparse_gradients = True
     hidden = torch.randn(7, 16, dtype=dtype, requires_grad=True)
-    with torch.sparse.check_sparse_tensor_invariants():  # sorted, distinct columns in every CSR row
-        memory(hidden).float().square().sum().backward()
-    assert hidden.grad is not None and memory.values.grad is not None
+    grads = torch.autograd.grad(memory(hidden).float().square().sum(), [memory.keys, memory.values])
+    for grad in grads:  # (the read's own; accumulated into .grad, torch drops the flag)
+        # flagged coalesced when built: its row ids must be sorted and distinct, as coalesce() makes them
+        assert grad.is_coalesced()
+        checked = torch.sparse_coo_tensor(grad.indices(), grad.values(), grad.shape, check_invariants=True)
+        assert torch.equal(checked.coalesce().indices(), grad.indices())
+
+
+def plain_read(tokens, top_indices, parent_weights, child_keys, values, P, C, temperature):
+    """The children read with dense tensors: each token's k parents' [C, H] blocks gathered."""
+    keys = child_keys.view(C, P, -1).transpose(0, 1)[top_indices]  # [N, k, C, H]
+    vals = values.view(C, P, -1).transpose(0, 1)[top_indices]
+    child_weights = (torch.einsum("nh,nkch->nkc", tokens, keys) / temperature).softmax(-1)
+    return torch.einsum("nk,nkc,nkch->nh", parent_weights, child_weights, vals)
+
+
+@pytest.mark.parametrize("way", ["token by token, float64", "token by token", "parent by parent"])
+@pytest.mark.parametrize("children", [3, 4])
+@pytest.mark.parametrize("routing", ["random", "skewed", "one parent"])
+def test_sparse_read_matches_a_plain_read_for_any_routing(way, children, routing, monkeypatch):
+    grouped_calls = []
+    grouped_mm = torch.nn.functional.grouped_mm
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", lambda *a, **k: grouped_calls.append(1) or grouped_mm(*a, **k))
+    if way == "parent by parent":  # (3-wide rows are padded to 16 bytes for the kernel)
+        monkeypatch.setattr("spartan.memory.GROUPED_MIN_TABLE_BYTES", 0)
+        monkeypatch.setattr("spartan.memory.GROUPED_MIN_PAIRS_PER_PARENT", 1)
+    monkeypatch.setattr("spartan.memory.GRADIENT_BLOCK_BYTES", 2 * children * 16 * 4)  # two parents per block
+    dtype = torch.float64 if way.endswith("float64") else torch.float32
+    torch.manual_seed(0)
+    N, k, P, C, H = 40, 3, 12, children, 16
+    tokens = torch.randn(N, H, dtype=dtype, requires_grad=True)
+    if routing == "random":
+        top_indices = torch.rand(N, P).argsort(-1)[:, :k]
+    elif routing == "skewed":  # parent 5 in every token's top-k, the rest spread over a few
+        top_indices = torch.stack([torch.full((N,), 5), torch.arange(N) % 3, 6 + torch.arange(N) % 2], dim=1)
+    else:  # every token's k parents the same
+        top_indices = torch.tensor([7, 2, 9]).expand(N, k)
+    parent_weights = torch.randn(N, k, dtype=dtype).softmax(-1).requires_grad_()
+    child_keys = torch.randn(C * P, H, dtype=dtype, requires_grad=True)
+    values = torch.randn(C * P, H, dtype=dtype, requires_grad=True)
+    inputs = (tokens, parent_weights, child_keys, values)
+    out = sparse_read(tokens, top_indices, parent_weights, child_keys, values, P, C, 1.3)
+    expected = plain_read(tokens, top_indices, parent_weights, child_keys, values, P, C, 1.3)
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else {}
+    torch.testing.assert_close(out, expected, **tolerance)
+    upstream = torch.randn_like(out)
+    for grad, expected_grad in zip(torch.autograd.grad(out, inputs, upstream), torch.autograd.grad(expected, inputs, upstream)):
+        torch.testing.assert_close(grad, expected_grad, **tolerance)
+    assert bool(grouped_calls) == (way == "parent by parent")
+
+
+@pytest.mark.parametrize("sparse_gradients", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_memory_read_parent_by_parent_matches_token_by_token(sparse_gradients, dtype, monkeypatch):
+    torch.manual_seed(0)
+    memory = SparseHierarchicalMemory(16, 16, 4, 3, 1.4, "normal", "sparse", parent_keys="product").to(dtype)
+    memory.sparse_gradients = sparse_gradients
+    hidden = torch.randn(30, 16, dtype=dtype)
+
+    def read():  # the output and the gradients of every parameter
+        out = memory(hidden)
+        grads = torch.autograd.grad(out.float().square().sum(), list(memory.parameters()))
+        return [out] + [grad.to_dense() for grad in grads]
+
+    expected = read()
+    monkeypatch.setattr("spartan.memory.GROUPED_MIN_TABLE_BYTES", 0)
+    monkeypatch.setattr("spartan.memory.GROUPED_MIN_PAIRS_PER_PARENT", 1)
+    grouped_calls = []
+    grouped_mm = torch.nn.functional.grouped_mm
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", lambda *a, **k: grouped_calls.append(1) or grouped_mm(*a, **k))
+    got = read()
+    assert grouped_calls
+    # token by token, bfloat16 tables are read through float32 copies; parent by parent, in bfloat16
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    for value, expected_value in zip(got, expected):
+        assert value.dtype == dtype
+        torch.testing.assert_close(value.float(), expected_value.float(), **tolerance)
 
 
 @pytest.mark.parametrize("parent_keys", ["flat", "product"])
