@@ -98,7 +98,8 @@ class SparseHierarchicalMemory(nn.Module):
     Two implementations give the same results: ``"dense"`` scores all ``P + P*C`` keys with one
     matrix product and mixes the values with another (fastest for small memories; traceable and
     exportable with dynamic shapes); ``"sparse"`` reads each token's ``top_k * C`` selected
-    children in place, through products with sparse matrices (``sparse_read``), with its own
+    children in place, token by token through products with sparse matrices or parent by parent
+    through grouped matrix products (``sparse_read`` chooses per call), with its own
     backward pass into one gradient (or, with ``sparse_gradients``, sparse gradients of the rows
     read), so work and activation memory per token grow with ``top_k * C`` rather than ``P * C``
     (eager only: tracing or exporting it is refused).
@@ -556,14 +557,14 @@ class _GroupedRead(torch.autograd.Function):
             weights = _upcast(parent_weights).flatten()[pairs.order].unsqueeze(1)  # [n*k, 1]
             mix = (child_weights * weights).to(vals.dtype)
             out = vals.new_zeros(n, H).index_add_(0, pairs.tokens, pairs.per_group(mix, vals))
-        ctx.save_for_backward(tokens, parent_weights, child_keys, values, child_weights, mix)
+        ctx.save_for_backward(tokens, parent_weights, child_keys, values, child_weights, weights, mix)
         ctx.pairs, ctx.settings = pairs, (P, C, temperature, sparse)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        tokens, parent_weights, child_keys, values, child_weights, mix = ctx.saved_tensors
+        tokens, parent_weights, child_keys, values, child_weights, weights, mix = ctx.saved_tensors
         pairs, (P, C, temperature, sparse) = ctx.pairs, ctx.settings
         needs_tokens, _, needs_weights, needs_keys, needs_values = ctx.needs_input_grad[:5]
         keys, vals = _per_parent(child_keys, P, C), _per_parent(values, P, C)
@@ -578,7 +579,6 @@ class _GroupedRead(torch.autograd.Function):
                 grad_weights = torch.empty_like(grad_mix[:, 0])
                 grad_weights[pairs.order] = (child_weights * grad_mix).sum(1)
                 grad_weights = grad_weights.view_as(parent_weights).to(parent_weights.dtype)
-            weights = _upcast(parent_weights).flatten()[pairs.order].unsqueeze(1)
             grad_child = grad_mix * weights  # d out / d child weight
             grad_logits = child_weights * (grad_child - (child_weights * grad_child).sum(1, keepdim=True))
             grad_logits = (grad_logits / temperature).to(keys.dtype)
