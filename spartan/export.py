@@ -211,6 +211,15 @@ class OnnxRuntimeModel:
     def num_labels(self, task: str) -> int:
         return self._labels[self._known(task)]
 
+    def task_inputs(self, task: str) -> dict[str, np.ndarray]:
+        """The graph inputs that carry ``task``'s tensors, ``[1, ...]`` each, as a call for that task feeds
+        them (for driving ``self.session`` directly, e.g. through an I/O binding). Read-only views."""
+        views = {}
+        for name, array in self._tasks[self._known(task)].items():
+            views[name] = array.view()
+            views[name].flags.writeable = False
+        return views
+
     def __call__(
         self,
         task: str | Sequence[str],

@@ -67,6 +67,21 @@ def test_onnx_runtime_matches_eager_for_every_shape(architecture, tmp_path, bert
             np.testing.assert_allclose(got, eager_logits(model, task, inputs), atol=1e-4, rtol=0)
 
 
+def test_task_inputs_drive_the_session_directly(bert_export):
+    model, folder = bert_export
+    runtime = OnnxRuntimeModel(folder, graph="fp32")
+    inputs = {key: value.numpy() for key, value in token_batch(2, 7).items()}
+    tokens = {**inputs, "token_type_ids": np.zeros_like(inputs["input_ids"])}
+    for task, labels in [("pairs", 2), ("nli", 3)]:
+        fed = runtime.task_inputs(task)
+        assert set(fed) == set(runtime.manifest["task_tensors"])
+        assert all(array.shape[0] == 1 and not array.flags.writeable for array in fed.values())
+        (logits,) = runtime.session.run(["logits"], {**tokens, **fed})
+        np.testing.assert_array_equal(logits[:, :labels], runtime(task, **inputs))
+    with pytest.raises(ValueError, match="no task named 'nope'"):
+        runtime.task_inputs("nope")
+
+
 def test_mixed_task_batches_match_eager(bert_export):
     model, folder = bert_export
     runtime = OnnxRuntimeModel(folder, graph="fp32")
