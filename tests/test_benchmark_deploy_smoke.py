@@ -51,6 +51,9 @@ def test_every_method_is_timed_at_every_shape_against_its_baseline(deploy, quick
             assert not set(names) & set(methods)
             assert any(f"`{library}` package is not installed" in note for note in results["notes"])
     assert methods["spartan"]["baseline"] == "bare" and methods["spartan_int8"]["baseline"] == "bare_int8"
+    # the bare graphs again without SkipLayerNormalization fusion, each against its own default session
+    assert methods["bare_no_fusion"]["baseline"] == "bare" and methods["bare_int8_no_fusion"]["baseline"] == "bare_int8"
+    assert methods["bare_no_fusion"]["ort_vs_eager_max_abs"] <= 1e-4
     for name, method in methods.items():
         assert set(method["time"]) == {"b1x128", "b1x32", "b32x128"}, name
         for timing in method["time"].values():
@@ -90,6 +93,9 @@ def test_targets_and_tables_are_reported(quick_run):
     targets = {t["target"]: t for t in results["targets"]}
     assert len(targets) == 8
     assert targets["spartan fp32 ORT vs eager logits"]["met"] is True
+    latency = [t for name, t in targets.items() if "overhead over the faster bare session" in name]
+    assert len(latency) == 2  # fp32 and int8, each read against the faster of its two bare sessions
+    assert all("against the slower bare backbone" in t["note"] for t in latency)
     accuracy = [t for name, t in targets.items() if "accuracy" in name]
     assert [t["met"] for t in accuracy] == [None, None] and "skipped" in results["accuracy"]
     assert all(t["met"] in (True, False) for name, t in targets.items() if "accuracy" not in name)
