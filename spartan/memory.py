@@ -10,6 +10,7 @@ import warnings
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _validate as check
@@ -373,8 +374,9 @@ def sparse_read(
     - **token by token** (few tokens per parent, or small tables): each token's ``k * C`` selected
       children form one row of a sparse CSR pattern ``[N, C * P]`` (child-major, parents ascending:
       sorted columns). The child logits are ``tokens @ child_keys.T`` sampled at that pattern, the
-      read-out is the pattern's mixing weights times ``values``; the backward pass takes the same
-      products, and the transposed pattern over the distinct rows read for the tables' gradients.
+      read-out is the pattern's mixing weights times ``values`` (a weighted ``embedding_bag`` sum:
+      each output row written once); the backward pass takes the same products, and the transposed
+      pattern over the distinct rows read for the tables' gradients.
       Each row is read once per token that selected its parent.
     - **parent by parent** (at least ``GROUPED_MIN_PAIRS_PER_PARENT`` (token, parent) pairs per
       parent and tables of at least ``GROUPED_MIN_TABLE_BYTES``): the ``N * k`` pairs sorted by
@@ -503,19 +505,21 @@ def _sampled_products(row_pointers: Tensor, columns: Tensor, left: Tensor, right
 
 
 def _sparse_times(row_pointers: Tensor, columns: Tensor, entries: Tensor, right: Tensor) -> Tensor:
-    """The sparse matrix ``S`` ``[rows, M]`` of ``entries`` at the pattern times ``right`` ``[M, H]``."""
-    matrix = _csr(row_pointers, columns, entries.flatten(), (len(row_pointers) - 1, len(right)))
-    # into a given output: torch's CPU kernel otherwise writes a temporary and copies it over
-    out = right.new_empty(len(row_pointers) - 1, right.shape[1])
+    """The sparse matrix ``S`` ``[rows, M]`` of ``entries`` at the pattern times ``right`` ``[M, H]``:
+    each output row the ``entries``-weighted sum of its columns' rows of ``right``, as one weighted
+    ``embedding_bag`` (a single pass that writes each output row once; torch's CSR matrix product
+    zero-fills its output and copies it over from a temporary: three passes)."""
+    weights = entries.detach().flatten().to(right.dtype)  # detached: the kernel that keeps no bag bookkeeping
     with torch.autocast(right.device.type, enabled=False):
-        return torch.mm(matrix, right, out=out)
+        return F.embedding_bag(columns, right.detach().contiguous(), row_pointers, mode="sum",
+                               per_sample_weights=weights, include_last_offset=True)
 
 
 class _Transposed:
     """The transpose ``S.T`` ``[U, n]`` of a pattern with ``per_row`` entries in each of its ``n`` rows
-    at ``columns`` (``0 <= column < U``), as CSR row blocks of at most ``GRADIENT_BLOCK_BYTES`` of
-    output each: ``times`` writes ``S.T @ right`` block by block into its result (or into the
-    ``rows`` of a larger tensor), so no temporary of the result's size exists."""
+    at ``columns`` (``0 <= column < U``): ``times`` gives ``S.T @ right`` ``[U, H]`` in one pass, or
+    writes it into the ``rows`` of a larger tensor in blocks of at most ``GRADIENT_BLOCK_BYTES``, so
+    that no temporary of the result's size exists."""
 
     def __init__(self, columns: Tensor, width: int, per_row: int) -> None:
         self.order = columns.argsort(stable=True)  # entries row by row of S.T, tokens ascending in each
@@ -526,23 +530,19 @@ class _Transposed:
 
     def times(self, entries: Tensor, right: Tensor, into: Tensor | None = None, rows: Tensor | None = None) -> Tensor:
         """``S.T @ right`` ``[U, H]``; with ``into`` and ``rows`` ``[U]``, its row ``u`` is written to
-        ``into[rows[u]]`` instead (one block-sized buffer) and ``into`` is returned."""
+        ``into[rows[u]]`` instead (one block at a time) and ``into`` is returned."""
         entries = entries.flatten()[self.order]
+        if into is None:
+            return _sparse_times(self.pointers, self.tokens, entries, right)
         block = max(1, GRADIENT_BLOCK_BYTES // (right.shape[1] * right.element_size()))
-        out = right.new_empty(self.width if into is None else min(block, self.width), right.shape[1])
         starts = list(range(0, self.width, block))
         bounds = self.pointers[starts + [self.width]].tolist()
-        with torch.autocast(right.device.type, enabled=False):
-            for i, start in enumerate(starts):
-                stop, first, last = min(start + block, self.width), bounds[i], bounds[i + 1]
-                matrix = _csr(self.pointers[start:stop + 1] - first, self.tokens[first:last], entries[first:last],
-                              (stop - start, len(right)))
-                if into is None:
-                    torch.mm(matrix, right, out=out[start:stop])
-                else:
-                    part = torch.mm(matrix, right, out=out[: stop - start])
-                    into.index_copy_(0, rows[start:stop], part.to(into.dtype))
-        return out if into is None else into
+        for i, start in enumerate(starts):
+            stop, first, last = min(start + block, self.width), bounds[i], bounds[i + 1]
+            part = _sparse_times(self.pointers[start:stop + 1] - first, self.tokens[first:last], entries[first:last],
+                                 right)
+            into.index_copy_(0, rows[start:stop], part.to(into.dtype))
+        return into
 
 
 class _GroupedRead(torch.autograd.Function):
