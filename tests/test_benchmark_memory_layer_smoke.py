@@ -65,6 +65,15 @@ def test_every_spartan_read_is_timed_against_the_layer_and_its_floor(quick_run):
             assert floor["mm"][2] * results["settings"]["hidden"] >= floor["macs_per_token"] > 0
             assert finite(floor["ms"]) and finite(floor["gflops"])
             assert row["parameters"] > 0 and finite(row["bert_layer"]["forward_ms"])
+            if variant != "dense":
+                # the sparse reads: the rows they touch gathered alone, top-k x C per token of both tables
+                traffic = row["traffic_floor"]
+                assert traffic["rows"] == 2 * tokens * results["settings"]["top_k"] * row["spec"]["children"]
+                assert 0 < traffic["distinct_rows"] <= min(traffic["rows"], 2 * slots)
+                assert traffic["distinct_bytes"] == traffic["distinct_rows"] * results["settings"]["hidden"] * 4
+                assert finite(traffic["ms"]) and finite(forward["vs_traffic_floor"])
+            else:
+                assert "traffic_floor" not in row and "vs_traffic_floor" not in forward
 
 
 def test_gradient_bytes_are_the_full_tables_for_dense_gradients_and_the_rows_read_for_sparse(quick_run):
@@ -117,7 +126,7 @@ def test_metadata_tables_and_targets(quick_run):
     assert meta["command"].startswith("python benchmarks/memory_layer.py --quick")
     assert meta["date"] and meta["machine"] and meta["torch"]
     for heading in ("## Forward", "## Forward + backward", "## One training step", "## Arithmetic floors",
-                    "## Targets"):
+                    "## Memory-traffic floors", "## Targets"):
         assert heading in markdown
     assert meta["command"] in markdown
     assert len(results["targets"]) == 6
