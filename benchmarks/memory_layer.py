@@ -389,19 +389,19 @@ def floor_call(tokens, width: int):
 
 
 def traffic_floor_call(module, hidden):
-    """The memory traffic of a sparse read with none of its arithmetic: every child row that the read of
-    ``hidden`` touches (top-k parents x C children per token, of the keys and of the values), sorted and
-    gathered with ``index_select`` into one reused buffer of ``TRAFFIC_CHUNK_ROWS`` rows. Sorted rows put
-    a parent's repeats side by side, so a row read by several tokens mostly comes from cache: the least
-    traffic any read of these rows needs. Returns the call and its sizes (rows gathered, distinct rows,
-    bytes of the distinct rows)."""
+    """The memory traffic of a sparse read with none of its arithmetic: each distinct child row that the
+    read of ``hidden`` touches (its tokens' top-k parents x C children, of the keys and of the values),
+    once, in ascending order, gathered with ``index_select`` into one reused buffer of
+    ``TRAFFIC_CHUNK_ROWS`` rows: the least traffic any read of these rows needs. Returns the call and
+    its sizes (the rows the read touches with repeats, the distinct rows, their bytes)."""
     import torch
 
     with torch.no_grad():
         module(hidden)
     P, C = module.num_parents, module.children_per_parent
     parents = module.last_routing.indices.reshape(-1)
-    rows = (parents.unsqueeze(1) + P * torch.arange(C)).reshape(-1).sort().values  # child-major rows
+    touched = (parents.unsqueeze(1) + P * torch.arange(C)).reshape(-1)  # child-major rows, with repeats
+    rows = touched.unique()  # sorted
     child_keys = module.keys if module.sub_keys is not None else module.keys[P:]
     tables = [child_keys.detach(), module.values.detach()]
     chunks = rows.split(TRAFFIC_CHUNK_ROWS)
@@ -412,9 +412,8 @@ def traffic_floor_call(module, hidden):
             for chunk in chunks:
                 torch.index_select(table, 0, chunk, out=buffer[: len(chunk)])
 
-    distinct = int(rows.unique_consecutive().numel())
-    sizes = {"rows": 2 * rows.numel(), "distinct_rows": 2 * distinct,
-             "distinct_bytes": 2 * distinct * hidden.shape[-1] * tables[0].element_size()}
+    sizes = {"rows": 2 * touched.numel(), "distinct_rows": 2 * rows.numel(),
+             "distinct_bytes": 2 * rows.numel() * hidden.shape[-1] * tables[0].element_size()}
     return run, sizes
 
 
@@ -753,11 +752,12 @@ def markdown(results: dict) -> str:
     traffic_rows = [r for r in read_rows if r["status"] == "measured" and "traffic_floor" in r]
     if traffic_rows:
         lines += ["", "## Memory-traffic floors", "",
-                  "The child rows each sparse read touches (top-k parents x C children per token, keys and values), "
-                  f"sorted and gathered by `index_select` into one reused buffer of {TRAFFIC_CHUNK_ROWS:,} rows, timed "
-                  "in the same rounds: the traffic of the read with none of its arithmetic. Sorted, a row read by "
-                  "several tokens mostly comes from cache, so GB/s is taken over the distinct rows.", "",
-                  "| slots | variant | shape | rows gathered | distinct rows | distinct MiB | ms | GB/s | "
+                  "Each distinct child row a sparse read touches (its tokens' top-k parents x C children, keys and "
+                  f"values), once, in ascending order, gathered by `index_select` into one reused buffer of "
+                  f"{TRAFFIC_CHUNK_ROWS:,} rows and timed in the same rounds: the least traffic any read of these rows "
+                  "needs, with none of its arithmetic. Rows touched counts them with their repeats (one per token "
+                  "that selected the row's parent).", "",
+                  "| slots | variant | shape | rows touched | distinct rows | distinct MiB | ms | GB/s | "
                   "% of BERT layer |", "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
         for row in traffic_rows:
             t = row["traffic_floor"]
