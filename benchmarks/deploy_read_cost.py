@@ -123,6 +123,13 @@ def time_graphs(model_name: str, args: argparse.Namespace, work: Path) -> dict:
     served = sessions["spartan"][0].run(["logits"], task_feeds)[0][:, : expected.shape[1]]
     if not np.allclose(served, expected, atol=1e-6):
         raise RuntimeError("the session over the exported graph disagrees with OnnxRuntimeModel: please report it")
+    # the cut is right when it changes nothing for memories that read nothing: zero values
+    silent = {**task_feeds, **{name: np.zeros_like(value) for name, value in task_feeds.items()
+                               if name.startswith("memories.") and name.endswith(".values")}}
+    cut_check = float(np.abs(sessions["spartan_no_reads"][0].run(["logits"], silent)[0]
+                             - sessions["spartan"][0].run(["logits"], silent)[0]).max())
+    if cut_check > MAX_READ_DIFFERENCE:
+        raise RuntimeError(f"the graph with its reads cut out differs by {cut_check:.2e} with zero values: the cut is wrong")
     calls = {name: (lambda s=session, f=f: s.run(["logits"], f)) for name, (session, f) in sessions.items()}
     start = time.perf_counter()
     timed = common.interleaved_timings(calls, "bare", args.graph_rounds, warmup=5 if not args.quick else 1)
@@ -130,9 +137,13 @@ def time_graphs(model_name: str, args: argparse.Namespace, work: Path) -> dict:
         f"{name} {t['median_s'] * 1e3:.2f} ms" for name, t in timed.items()), flush=True)
     ratios = {}
     for name in timed:
-        ratios[name] = {base: _ratio(timed[name], timed[base]) for base in ("bare", "bare_no_fusion")}
+        ratios[name] = {}
+        for base in ("bare", "bare_no_fusion"):
+            rebased = deploy.rebase(timed[name], timed[base])
+            ratios[name][base] = {key: rebased[key] for key in ("ratio", "ratio_ci95")}
     return {"hidden_size": spartan.get_hidden_size(model), "layers": len(spartan.get_layer_paths(model)),
             "memory_shape": runtime.manifest["memory_shape"], "nodes_removed": cut,
+            "cut_check_max_abs": cut_check,
             "times": {name: {"median_s": t["median_s"], "times_s": t["times_s"], "vs": ratios[name]}
                       for name, t in timed.items()}}
 
@@ -180,11 +191,6 @@ def cut_memory_reads(source: Path, target: Path, expected_reads: int) -> int:
     target.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(target))
     return before - len(graph.node)
-
-
-def _ratio(timing: dict, base: dict) -> dict:
-    ratios = [a / b for a, b in zip(timing["times_s"], base["times_s"])]
-    return {"ratio": float(np.median(ratios)), "ratio_ci95": list(common.bootstrap_median_interval(ratios))}
 
 
 # -- part 2: the read alone ----------------------------------------------------------------------------
@@ -327,11 +333,12 @@ def markdown(results: dict) -> str:
         lines += ["**Quick smoke run**: tiny sizes; the figures mean nothing about speed.", ""]
     lines += [f"## The whole graph ({results['graph_rounds']} rounds)", "",
               f"The memory reads cut out: {graph['nodes_removed']} nodes removed (each layer's `residual + read` "
-              "replaced by the residual); what remains differs from the bare graph by the per-row norms, the "
-              "per-row head and the task inputs.", "",
+              "replaced by the residual; with every memory's values zero, the cut graph's logits differ from the "
+              f"whole graph's by {graph['cut_check_max_abs']:.1e}); what remains differs from the bare graph by the "
+              "per-row norms, the per-row head and the task inputs.", "",
               "| graph | ms | vs bare (default) | vs bare (SkipLayerNorm fusion off) |", "|---|---:|---:|---:|"]
     for name, t in graph["times"].items():
-        cells = [_fmt_ratio(t["vs"][base]) for base in ("bare", "bare_no_fusion")]
+        cells = [common.fmt_overhead_interval(t["vs"][base]) for base in ("bare", "bare_no_fusion")]
         lines.append(f"| {GRAPH_LABELS[name]} | {t['median_s'] * 1e3:.2f} | {cells[0]} | {cells[1]} |")
     lines += ["", f"## One memory read alone ({results['read_rounds']} rounds)", "",
               f"Tokens `[1, {results['length']}, {reads['hidden_size']}]`; each way checked against "
@@ -339,16 +346,9 @@ def markdown(results: dict) -> str:
               "| read | us | vs library | max abs difference |", "|---|---:|---:|---:|"]
     for name, t in reads["times"].items():
         difference = "–" if t["max_abs_difference"] is None else f"{t['max_abs_difference']:.1e}"
-        lines.append(f"| {name} | {t['median_s'] * 1e6:.1f} | {_fmt_ratio(t)} | {difference} |")
+        lines.append(f"| {name} | {t['median_s'] * 1e6:.1f} | {common.fmt_overhead_interval(t)} | {difference} |")
     lines += ["", "The ways are described in the docstring of `benchmarks/deploy_read_cost.py`.", ""]
     return "\n".join(lines)
-
-
-def _fmt_ratio(timing: dict) -> str:
-    low, high = timing["ratio_ci95"]
-    if low == high:
-        return f"{(timing['ratio'] - 1) * 100:+.1f}%"
-    return f"{(timing['ratio'] - 1) * 100:+.1f}% ({(low - 1) * 100:+.1f}..{(high - 1) * 100:+.1f})"
 
 
 if __name__ == "__main__":

@@ -163,7 +163,7 @@ def memory_estimate(spec: dict, settings: dict) -> tuple[int, int]:
     if spec["implementation"] == "dense":
         transient = params + 4 * 5 * tokens * spec["slots"]  # logits, child and slot weights, their gradients
     elif spec["sparse_gradients"]:
-        transient = 2 * rows + 2 * GRADIENT_BLOCK_BYTES  # both tables' gradient rows, a block buffer each
+        transient = 2 * rows + 2 * GRADIENT_BLOCK_BYTES  # both tables' gradient rows (+ a block buffer each, parent by parent)
     else:
         transient = params + 2 * GRADIENT_BLOCK_BYTES  # the gradients, written a block at a time
     if spec.get("optimizer") == "AdamW":  # two moments; a step's temporary of the largest table
@@ -392,8 +392,8 @@ def traffic_floor_call(module, hidden):
     """The memory traffic of a sparse read with none of its arithmetic: each distinct child row that the
     read of ``hidden`` touches (its tokens' top-k parents x C children, of the keys and of the values),
     once, in ascending order, gathered with ``index_select`` into one reused buffer of
-    ``TRAFFIC_CHUNK_ROWS`` rows: the least traffic any read of these rows needs. Returns the call and
-    its sizes (the rows the read touches with repeats, the distinct rows, their bytes)."""
+    ``TRAFFIC_CHUNK_ROWS`` rows (its writes stay in that buffer): what moving these rows costs, about
+    the least traffic any read of them needs. Returns the call and its sizes (the rows the read touches with repeats, the distinct rows, their bytes)."""
     import torch
 
     with torch.no_grad():
@@ -405,7 +405,7 @@ def traffic_floor_call(module, hidden):
     child_keys = module.keys if module.sub_keys is not None else module.keys[P:]
     tables = [child_keys.detach(), module.values.detach()]
     chunks = rows.split(TRAFFIC_CHUNK_ROWS)
-    buffer = torch.empty(TRAFFIC_CHUNK_ROWS, hidden.shape[-1])
+    buffer = tables[0].new_empty(TRAFFIC_CHUNK_ROWS, hidden.shape[-1])
 
     def run():
         for table in tables:
@@ -754,8 +754,8 @@ def markdown(results: dict) -> str:
         lines += ["", "## Memory-traffic floors", "",
                   "Each distinct child row a sparse read touches (its tokens' top-k parents x C children, keys and "
                   f"values), once, in ascending order, gathered by `index_select` into one reused buffer of "
-                  f"{TRAFFIC_CHUNK_ROWS:,} rows and timed in the same rounds: the least traffic any read of these rows "
-                  "needs, with none of its arithmetic. Rows touched counts them with their repeats (one per token "
+                  f"{TRAFFIC_CHUNK_ROWS:,} rows and timed in the same rounds: what moving these rows costs, about the "
+                  "least traffic any read of them needs, with none of its arithmetic. Rows touched counts them with their repeats (one per token "
                   "that selected the row's parent).", "",
                   "| slots | variant | shape | rows touched | distinct rows | distinct MiB | ms | GB/s | "
                   "% of BERT layer |", "|---:|---|---|---:|---:|---:|---:|---:|---:|"]

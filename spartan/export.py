@@ -213,7 +213,9 @@ class OnnxRuntimeModel:
 
     def task_inputs(self, task: str) -> dict[str, np.ndarray]:
         """The graph inputs that carry ``task``'s tensors, ``[1, ...]`` each, as a call for that task feeds
-        them (for driving ``self.session`` directly, e.g. through an I/O binding). Read-only views."""
+        them (for driving ``self.session`` directly, e.g. through an I/O binding), as views marked
+        read-only. The session's ``logits`` then have the graph's ``max_labels`` columns: keep the first
+        ``num_labels(task)``."""
         views = {}
         for name, array in self._tasks[self._known(task)].items():
             views[name] = array.view()

@@ -26,7 +26,8 @@ PARENT_KEYS = ("flat", "product")
 # top_k * C.
 DENSE_MAX_SLOTS = 1024
 MIN_TEMPERATURE = 1e-6  # the smallest child-softmax temperature (logits / temperature stay finite)
-# The sparse read's backward writes the tables' gradient rows this many bytes at a time.
+# The sparse read's backward writes dense table gradients (and, parent by parent, sparse ones) this many
+# bytes at a time; token by token, sparse gradients are the [U, H] rows read, written in one pass.
 GRADIENT_BLOCK_BYTES = 32 * 2**20
 # The sparse read goes parent by parent (one grouped matrix product over each parent's tokens) from
 # this many (token, parent) pairs per parent, on tables of at least this size; below, token by token.
@@ -385,8 +386,9 @@ def sparse_read(
       float32 / bfloat16 / float16, rows of a multiple of 16 bytes). Each row is read once per pass.
 
     Beyond the ``[N, H]`` inputs and outputs the read keeps ``N * k * C`` scalars (the parent by
-    parent way also holds one ``[N*k, H]`` buffer at a time); the tables' gradients are written
-    in blocks of at most ``GRADIENT_BLOCK_BYTES``.
+    parent way also holds one ``[N*k, H]`` buffer at a time); dense gradients of the tables are
+    written into them in blocks of at most ``GRADIENT_BLOCK_BYTES``, sparse ones are the ``[U, H]``
+    rows read.
 
     Args:
         tokens: ``[N, H]``.
@@ -508,7 +510,8 @@ def _sparse_times(row_pointers: Tensor, columns: Tensor, entries: Tensor, right:
     """The sparse matrix ``S`` ``[rows, M]`` of ``entries`` at the pattern times ``right`` ``[M, H]``:
     each output row the ``entries``-weighted sum of its columns' rows of ``right``, as one weighted
     ``embedding_bag`` (a single pass that writes each output row once; torch's CSR matrix product
-    zero-fills its output and copies it over from a temporary: three passes)."""
+    zero-fills its output and copies it over from a temporary: three passes). No autograd: for the
+    forward and ``once_differentiable`` backward passes of the reads."""
     weights = entries.detach().flatten().to(right.dtype)  # detached: the kernel that keeps no bag bookkeeping
     with torch.autocast(right.device.type, enabled=False):
         return F.embedding_bag(columns, right.detach().contiguous(), row_pointers, mode="sum",
@@ -532,6 +535,7 @@ class _Transposed:
         """``S.T @ right`` ``[U, H]``; with ``into`` and ``rows`` ``[U]``, its row ``u`` is written to
         ``into[rows[u]]`` instead (one block at a time) and ``into`` is returned."""
         entries = entries.flatten()[self.order]
+        right = right.detach().contiguous()  # once, not per block (a gradient may come with stride 0)
         if into is None:
             return _sparse_times(self.pointers, self.tokens, entries, right)
         block = max(1, GRADIENT_BLOCK_BYTES // (right.shape[1] * right.element_size()))

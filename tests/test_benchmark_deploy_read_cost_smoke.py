@@ -42,7 +42,7 @@ def test_the_graph_is_timed_with_and_without_its_reads(quick_run):
     for timing in graph["times"].values():
         assert len(timing["times_s"]) == results["graph_rounds"] == 3
         assert all(math.isfinite(timing["vs"][base]["ratio"]) for base in ("bare", "bare_no_fusion"))
-    assert graph["times"]["bare"]["vs"]["bare"]["ratio"] == 1.0
+    assert graph["cut_check_max_abs"] <= 1e-5  # with zero values the cut changes nothing: it cut the reads alone
     assert "| the same graph with its memory reads cut out |" in table
 
 

@@ -93,9 +93,10 @@ def test_targets_and_tables_are_reported(quick_run):
     targets = {t["target"]: t for t in results["targets"]}
     assert len(targets) == 8
     assert targets["spartan fp32 ORT vs eager logits"]["met"] is True
-    latency = [t for name, t in targets.items() if "overhead over the faster bare session" in name]
+    latency = [t for name, t in targets.items() if "(the faster of its two sessions)" in name]
     assert len(latency) == 2  # fp32 and int8, each read against the faster of its two bare sessions
-    assert all("against the slower bare backbone" in t["note"] for t in latency)
+    assert all("against the slower bare backbone" in t["note"] and "read against the faster bare session here: bare "
+               "backbone" in t["note"] for t in latency)
     accuracy = [t for name, t in targets.items() if "accuracy" in name]
     assert [t["met"] for t in accuracy] == [None, None] and "skipped" in results["accuracy"]
     assert all(t["met"] in (True, False) for name, t in targets.items() if "accuracy" not in name)
