@@ -143,7 +143,8 @@ class OnnxRuntimeModel:
         threads: intra-op threads (default: ONNX Runtime's choice); sets ``intra_op_num_threads`` and one
             inter-op thread on the session options.
         session_options: an ``onnxruntime.SessionOptions`` to start from (graph optimisation level,
-            thread spinning, profiling, ...); ``threads`` is applied on top of it.
+            thread spinning, profiling, ...); ``threads`` is applied on top of it, on that object (ONNX
+            Runtime options cannot be copied).
 
     Examples::
 
