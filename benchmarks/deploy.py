@@ -756,8 +756,9 @@ def markdown(results: dict) -> str:
         "noise of this run. The rows 'SkipLayerNorm fusion off' are sessions over the same bare graphs with ONNX "
         "Runtime's `SkipLayerNormFusion` disabled (its fused kernel can be slower than the plain operators it "
         "replaces, and spartan's per-row norms are never fused into it): the latency targets are read against "
-        "whichever bare session is faster. spartan is called through `OnnxRuntimeModel` (its per-call feeding of the task's "
-        "tensors included); the plain graphs through `InferenceSession.run`. Every session, spartan's included, "
+        "whichever bare session is faster. spartan is called through `OnnxRuntimeModel` (its per-call feeding of "
+        "the task's tensors included); the plain graphs through `InferenceSession.run`. Every session, spartan's "
+        "included, "
         "runs with `session.intra_op.allow_spinning = 0`: with ONNX Runtime's default, the threads of the "
         "session that ran last keep spinning and slow the next method's call on a machine with no spare cores.",
         "",

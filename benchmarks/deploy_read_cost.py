@@ -46,6 +46,7 @@ import common  # noqa: E402
 import deploy  # noqa: E402
 
 import spartan  # noqa: E402
+from spartan import _validate  # noqa: E402
 from spartan._io import atomic_write_text  # noqa: E402
 from spartan.memory import dense_read  # noqa: E402
 
@@ -67,6 +68,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, (quick, full) in quick_or_full.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
+    try:
+        for name in ("length", "graph_rounds", "read_rounds", "threads"):
+            setattr(args, name, _validate.positive_int(f"--{name.replace('_', '-')}", getattr(args, name)))
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -129,7 +135,9 @@ def time_graphs(model_name: str, args: argparse.Namespace, work: Path) -> dict:
     cut_check = float(np.abs(sessions["spartan_no_reads"][0].run(["logits"], silent)[0]
                              - sessions["spartan"][0].run(["logits"], silent)[0]).max())
     if cut_check > MAX_READ_DIFFERENCE:
-        raise RuntimeError(f"the graph with its reads cut out differs by {cut_check:.2e} with zero values: the cut is wrong")
+        raise RuntimeError(
+            f"the graph with its reads cut out differs by {cut_check:.2e} with zero values: the cut is wrong"
+        )
     calls = {name: (lambda s=session, f=f: s.run(["logits"], f)) for name, (session, f) in sessions.items()}
     start = time.perf_counter()
     timed = common.interleaved_timings(calls, "bare", args.graph_rounds, warmup=5 if not args.quick else 1)
@@ -272,7 +280,8 @@ def time_reads(hidden: int, args: argparse.Namespace, work: Path) -> dict:
     values = torch.randn(1, C * P, hidden, generator=generator)
     # the parent-major layout: child (c, p) moves from row c * P + p to row p * C + c
     order = torch.arange(C * P).reshape(C, P).T.flatten()
-    layouts = {"child": (keys, values), "parent": (torch.cat([keys[:, :P], keys[:, P:][:, order]], 1), values[:, order])}
+    parent_major_keys = torch.cat([keys[:, :P], keys[:, P:][:, order]], 1)
+    layouts = {"child": (keys, values), "parent": (parent_major_keys, values[:, order])}
     expected = _Library(shape)(tokens, keys, values)
     sessions, differences = {}, {}
     for name, (kind, layout) in READS.items():

@@ -163,7 +163,8 @@ def memory_estimate(spec: dict, settings: dict) -> tuple[int, int]:
     if spec["implementation"] == "dense":
         transient = params + 4 * 5 * tokens * spec["slots"]  # logits, child and slot weights, their gradients
     elif spec["sparse_gradients"]:
-        transient = 2 * rows + 2 * GRADIENT_BLOCK_BYTES  # both tables' gradient rows (+ a block buffer each, parent by parent)
+        # both tables' gradient rows (+ a block buffer each, parent by parent)
+        transient = 2 * rows + 2 * GRADIENT_BLOCK_BYTES
     else:
         transient = params + 2 * GRADIENT_BLOCK_BYTES  # the gradients, written a block at a time
     if spec.get("optimizer") == "AdamW":  # two moments; a step's temporary of the largest table
@@ -393,7 +394,8 @@ def traffic_floor_call(module, hidden):
     read of ``hidden`` touches (its tokens' top-k parents x C children, of the keys and of the values),
     once, in ascending order, gathered with ``index_select`` into one reused buffer of
     ``TRAFFIC_CHUNK_ROWS`` rows (its writes stay in that buffer): what moving these rows costs, about
-    the least traffic any read of them needs. Returns the call and its sizes (the rows the read touches with repeats, the distinct rows, their bytes)."""
+    the least traffic any read of them needs. Returns the call and its sizes (the rows the read touches
+    with repeats, the distinct rows, their bytes)."""
     import torch
 
     with torch.no_grad():
@@ -755,14 +757,15 @@ def markdown(results: dict) -> str:
                   "Each distinct child row a sparse read touches (its tokens' top-k parents x C children, keys and "
                   f"values), once, in ascending order, gathered by `index_select` into one reused buffer of "
                   f"{TRAFFIC_CHUNK_ROWS:,} rows and timed in the same rounds: what moving these rows costs, about the "
-                  "least traffic any read of them needs, with none of its arithmetic. Rows touched counts them with their repeats (one per token "
-                  "that selected the row's parent).", "",
+                  "least traffic any read of them needs, with none of its arithmetic. Rows touched counts them with "
+                  "their repeats (one per token that selected the row's parent).", "",
                   "| slots | variant | shape | rows touched | distinct rows | distinct MiB | ms | GB/s | "
                   "% of BERT layer |", "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
         for row in traffic_rows:
             t = row["traffic_floor"]
-            lines.append(f"| {row['slots']:,} | {row['label']} | {row['shape']} | {t['rows']:,} | {t['distinct_rows']:,} "
-                         f"| {mib(t['distinct_bytes'])} | {t['ms']:.2f} | {t['distinct_gb_per_s']:.1f} "
+            lines.append(f"| {row['slots']:,} | {row['label']} | {row['shape']} | {t['rows']:,} "
+                         f"| {t['distinct_rows']:,} | {mib(t['distinct_bytes'])} | {t['ms']:.2f} "
+                         f"| {t['distinct_gb_per_s']:.1f} "
                          f"| {100 * t['vs_bert_layer']:.1f}% |")
     berts = {r["job"]: r["bert_layer"] for r in rows if r["status"] == "measured"}
     if berts:
